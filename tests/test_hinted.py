@@ -204,7 +204,7 @@ def test_build_warmup_set_with_a_model_that_copies_the_hint(copier, keep):
         assert not leaks_hint(s.target) and "correct answer" not in s.target.lower()
         assert "correct answer" not in io.prompt_text(s).lower()
     # The caller's prompt cache never saw a hinted prompt.
-    assert not any(key.endswith(HINTED_ID_SUFFIX) for key in io._cache)
+    assert not any(key[0].endswith(HINTED_ID_SUFFIX) for key in io._cache)
     assert all(s.id == s.meta["warmup"]["from"] or "#" in s.id for s in kept)
 
 

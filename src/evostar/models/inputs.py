@@ -37,7 +37,7 @@ class VLMInputs:
         self.prompt_template = prompt_template
         self.system_prompt = system_prompt
         self.cache_size = cache_size
-        self._cache: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
+        self._cache: OrderedDict[tuple, dict[str, torch.Tensor]] = OrderedDict()
         self.pad_id = self.tokenizer.pad_token_id
         if self.pad_id is None:
             self.pad_id = self.tokenizer.eos_token_id
@@ -82,9 +82,11 @@ class VLMInputs:
         return suffix.rstrip("\n") or (self.tokenizer.eos_token or "")
 
     def encode_prompt(self, sample: Sample) -> dict[str, torch.Tensor]:
-        cached = self._cache.get(sample.id)
+        # Keyed by what is encoded, not by id alone: two data files may reuse ids ("1", "2", ...).
+        key = (sample.id, sample.image, sample.question)
+        cached = self._cache.get(key)
         if cached is not None:
-            self._cache.move_to_end(sample.id)
+            self._cache.move_to_end(key)
             return cached
         text = self.prompt_text(sample)
         kwargs: dict = {"text": [text], "return_tensors": "pt"}
@@ -93,7 +95,7 @@ class VLMInputs:
                 kwargs["images"] = [img.convert("RGB")]
         enc = dict(self.processor(**kwargs))
         if self.cache_size > 0:
-            self._cache[sample.id] = enc
+            self._cache[key] = enc
             if len(self._cache) > self.cache_size:
                 self._cache.popitem(last=False)
         return enc
