@@ -6,9 +6,44 @@ from collections.abc import Sequence
 
 import torch
 from tqdm.auto import tqdm
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from evostar.models.inputs import VLMInputs
 from evostar.records import Response, Sample
+
+
+class InverseCDFSampler(LogitsProcessor):
+    """Draws the next token itself and leaves `generate` nothing but an argmax to take.
+
+    Temperature and top-p are applied here, then one uniform number per row is looked up in the
+    cumulative probabilities (inverse-CDF sampling: the same distribution as `torch.multinomial`).
+    On CPU `multinomial` costs ~9 ms per decode step at 512 sequences, about a fifth of a tiny
+    model's whole step; this costs ~0.3 ms. The returned scores are 0 at the drawn token and
+    -inf elsewhere, so `generate` runs in greedy mode and takes exactly the drawn token.
+    Randomness comes from torch's global generator, so `torch.manual_seed` fixes the samples.
+    """
+
+    def __init__(self, temperature: float, top_p: float = 1.0) -> None:
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0 for sampling, got {temperature}")
+        if not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        self.temperature = temperature
+        self.top_p = top_p
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        probs = torch.softmax(scores.float() / self.temperature, dim=-1)
+        if self.top_p < 1.0:
+            sorted_probs, order = probs.sort(dim=-1, descending=True)
+            # keep the smallest prefix whose mass reaches top_p (always the most likely token)
+            outside = sorted_probs.cumsum(-1) - sorted_probs >= self.top_p
+            sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+            probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+        cdf = probs.cumsum(-1)
+        u = torch.rand(cdf.shape[0], 1, device=cdf.device, dtype=cdf.dtype) * cdf[:, -1:]
+        token = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[-1] - 1)
+        out = torch.full_like(scores, float("-inf"))
+        return out.scatter_(-1, token, 0.0)
 
 
 @torch.inference_mode()
@@ -28,8 +63,11 @@ def generate(
 ) -> list[Response]:
     """K responses per sample (greedy when temperature is 0), in sample order.
 
-    `batch_size` counts sequences, so a batch holds `batch_size // k` prompts, each image encoded
-    once and expanded inside `generate` (num_return_sequences).
+    `batch_size` counts sequences, so a batch holds `batch_size // k` prompts. On a GPU each
+    image is encoded once and expanded inside `generate` (num_return_sequences) for its native
+    sampler; on CPU every prompt is repeated K times in the batch and `InverseCDFSampler` draws
+    the tokens (the vision tower then runs K times per image, which costs a tiny model far less
+    than `torch.multinomial` does).
     """
     model.eval()
     greedy = temperature <= 0
@@ -39,21 +77,20 @@ def generate(
     order = sorted(range(len(samples)), key=lambda i: io.encode_prompt(samples[i])["input_ids"].shape[1])
     texts: list[list[str]] = [[] for _ in samples]
     device = next(model.parameters()).device
+    own_sampler = not greedy and device.type == "cpu"
     bar = tqdm(total=len(samples) * k, desc=desc or "generate", unit="seq", disable=not progress, leave=False)
     for start in range(0, len(order), prompts_per_batch):
         idx = order[start : start + prompts_per_batch]
-        batch = io.collate_prompts([samples[i] for i in idx])
+        chunk = [samples[i] for i in idx]
+        batch = io.collate_prompts([s for s in chunk for _ in range(k)] if own_sampler else chunk)
         batch = {key: v.to(device) for key, v in batch.items()}
-        gen_kwargs = dict(
-            max_new_tokens=max_new_tokens,
-            eos_token_id=io.stop_token_ids,
-            pad_token_id=io.pad_id,
-            num_return_sequences=k,
-        )
-        if greedy:
+        gen_kwargs = dict(max_new_tokens=max_new_tokens, eos_token_id=io.stop_token_ids, pad_token_id=io.pad_id)
+        if greedy or own_sampler:
             gen_kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         else:
-            gen_kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
+            gen_kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0, num_return_sequences=k)
+        if own_sampler:
+            gen_kwargs["logits_processor"] = LogitsProcessorList([InverseCDFSampler(temperature, top_p)])
         out = model.generate(**batch, **gen_kwargs)
         new_tokens = out[:, batch["input_ids"].shape[1] :]
         decoded = io.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
