@@ -18,8 +18,18 @@ from evostar.config import Config, load_config, to_dict
 from evostar.rundir import RunDir
 
 # Arithmetic-heavy: its steps are where a tiny model's reasoning goes wrong, and a right answer
-# there rarely comes by luck (a comparison is right one time in three by guessing).
-GYM_FAMILIES = (("arith", 0.8), ("compare", 0.1), ("bars", 0.1))
+# there rarely comes by luck. Comparisons (multiple choice, right one time in three by guessing)
+# and bar charts mostly reach their right answers through wrong steps at this scale: kept as
+# correct, they teach the loop wrong chains, so they are a small share here (see the README).
+GYM_FAMILIES = (("arith", 0.9), ("compare", 0.05), ("bars", 0.05))
+
+# Shared by the presets: the warm-up trains to its plateau (the best validation checkpoint is
+# kept); the loop samples K=4 at T=1.0 from a bf16 copy of the policy in two single-thread
+# processes, and its peak LR is low because the memorised warm-up model is fragile (a fresh
+# AdamW at 5e-4 costs it ~8 validation points even on the gold seed set).
+_WARMUP = {"eval_every": 100, "optim": {"weight_decay": 0.1}}
+_GEN = {"k": 4, "temperature": 1.0, "max_new_tokens": 48, "workers": 2, "rollout_dtype": "bfloat16"}
+_EVOLVE_OPTIM = {"lr": 2e-4, "weight_decay": 0.0}
 
 # Every preset is a set of config overrides plus the gym's sizes.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -29,26 +39,26 @@ PRESETS: dict[str, dict[str, Any]] = {
         "config": {
             "warmup": {"steps": 20, "eval_every": 10, "optim": {"batch_size": 8}},
             "evolve": {"iterations": 3, "interval": 0.34, "steps_per_iteration": 4, "optim": {"batch_size": 8}},
-            "gen": {"k": 4, "max_new_tokens": 40},
+            "gen": {**_GEN, "max_new_tokens": 40},
             "eval": {"pass_k": 2},
         },
     },
     "quick": {
-        "gym": {"n_seed": 300, "n_train": 1600, "n_val": 150, "n_test_id": 250, "n_test_ood": 250},
+        "gym": {"n_seed": 300, "n_train": 1600, "n_val": 150, "n_test_id": 250, "n_test_ood": 250, "ood_style_strength": 0.5},
         "config": {
-            "warmup": {"steps": 350, "eval_every": 175, "optim": {"weight_decay": 0.1}},
-            "evolve": {"iterations": 2, "interval": 0.25, "optim": {"lr": 2e-4, "weight_decay": 0.1}},
-            "gen": {"k": 6, "temperature": 0.5, "max_new_tokens": 48},
-            "eval": {"pass_k": 6, "pass_prompts": 64, "pass_temperature": -1.0},
+            "warmup": {"steps": 350, **_WARMUP, "eval_every": 175},
+            "evolve": {"iterations": 2, "interval": 0.25, "optim": _EVOLVE_OPTIM},
+            "gen": _GEN,
+            "eval": {"pass_k": 4, "pass_prompts": 64, "pass_temperature": -1.0},
         },
     },
     "default": {
-        "gym": {"n_seed": 300, "n_train": 4000, "n_val": 250, "n_test_id": 500, "n_test_ood": 500},
+        "gym": {"n_seed": 300, "n_train": 4000, "n_val": 250, "n_test_id": 500, "n_test_ood": 500, "ood_style_strength": 0.5},
         "config": {
-            "warmup": {"steps": 600, "eval_every": 100, "optim": {"weight_decay": 0.1}},
-            "evolve": {"iterations": 5, "interval": 0.25, "optim": {"lr": 2e-4, "weight_decay": 0.1}},
-            "gen": {"k": 8, "temperature": 0.5, "max_new_tokens": 48},
-            "eval": {"pass_k": 8, "pass_prompts": 128, "pass_temperature": -1.0},
+            "warmup": {"steps": 700, **_WARMUP},
+            "evolve": {"iterations": 16, "interval": 0.25, "optim": _EVOLVE_OPTIM},
+            "gen": _GEN,
+            "eval": {"pass_k": 4, "pass_prompts": 64, "pass_temperature": -1.0},
         },
     },
 }

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -25,9 +26,8 @@ from evostar.dynamics import accuracy, all_steps_correct_share, distinct_share, 
 from evostar.evaluate import evaluate, evaluate_pass_at_k, score
 from evostar.models.hub import load_policy
 from evostar.models.inputs import VLMInputs
-from evostar.records import Sample
-from evostar.rollout import get_backend
-from evostar.rollout.hf import generate
+from evostar.records import Response, Sample
+from evostar.rollout import make_rollout
 from evostar.rundir import RunDir, stage_seed, write_jsonl
 from evostar.select import select
 from evostar.train import Example
@@ -89,10 +89,11 @@ def evolve(
     val: list[Sample],
     init_dir: str | Path | None,
     accelerator: Accelerator | None = None,
+    backend: Callable[..., list[Response]] | None = None,
 ) -> tuple[torch.nn.Module, LoopState]:
     # One process without an accelerator. With one, `run` is a `distributed.SharedRunDir`;
     # rollouts are sharded and gathered, SFT batches split across ranks.
-    backend = generate if cfg.gen.backend == "hf" else get_backend(cfg.gen.backend, model_dir=cfg.model.path, seed=cfg.seed)
+    backend = backend or make_rollout(cfg)  # hf generate, a CPU worker pool or a vLLM engine
     rollout = backend if accelerator is None else functools.partial(generate_sharded, accelerator, generate_fn=backend)
     main_process = accelerator is None or accelerator.is_main_process
     ev = cfg.evolve

@@ -20,6 +20,7 @@ from evostar.evolve import evolve
 from evostar.models.hub import load_policy, load_processor
 from evostar.models.inputs import VLMInputs
 from evostar.records import Sample
+from evostar.rollout import make_rollout
 from evostar.rundir import RunDir, atomic_write_json, atomic_write_text, stage_seed
 from evostar.train import warmup
 
@@ -77,6 +78,20 @@ def check_config(cfg: Config) -> None:
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ConfigError(f"{key}={value!r}: choose one of {list(allowed)}")
+    if cfg.gen.workers < 1:
+        raise ConfigError(f"gen.workers={cfg.gen.workers}: at least 1")
+    if cfg.gen.workers > 1 or cfg.gen.rollout_dtype:
+        from evostar.distributed import launched_distributed
+
+        if cfg.gen.backend != "hf":
+            raise ConfigError("gen.workers / gen.rollout_dtype are options of gen.backend=hf")
+        if launched_distributed() or resolve_device(cfg.device).type != "cpu":
+            raise ConfigError(
+                "gen.workers / gen.rollout_dtype are for one process on CPU; under torchrun / "
+                "accelerate every rank already samples its shard, and a GPU run uses gen.backend=vllm"
+            )
+        if cfg.gen.rollout_dtype and not isinstance(getattr(torch, cfg.gen.rollout_dtype, None), torch.dtype):
+            raise ConfigError(f"gen.rollout_dtype={cfg.gen.rollout_dtype!r}: a torch dtype such as bfloat16")
     if not 0 < cfg.evolve.interval <= 1:
         raise ConfigError(f"evolve.interval={cfg.evolve.interval}: a share of the prompts in (0, 1]")
     for key, optim in (("warmup.optim", cfg.warmup.optim), ("evolve.optim", cfg.evolve.optim)):
@@ -121,6 +136,7 @@ def run_experiment(
     model = load_policy(cfg.model, device=device).eval()
     io = VLMInputs(processor, cfg.model.prompt_template, cfg.model.system_prompt or None)
     say = console.print if console is not None and main else (lambda *a, **k: None)
+    backend = make_rollout(cfg)  # sampling for the hinted warm-up and the loop (built on first use)
 
     # Base model, before any training.
     if not run.done("base"):
@@ -132,7 +148,7 @@ def run_experiment(
 
     # No gold chains of thought: the base model explains the gold answers (evostar.hinted).
     if cfg.warmup.steps > 0 and not data.seed_cot and cfg.warmup.hinted:
-        data.seed_cot = hinted_warmup_set(cfg, run, model, io, data.train, accelerator)
+        data.seed_cot = hinted_warmup_set(cfg, run, model, io, data.train, accelerator, backend)
         hinted = run.result("hinted")
         say(f"hinted warm-up set: {hinted['kept']} responses for {hinted['kept_prompts']} of "
             f"{hinted['prompts']} prompts")  # fmt: skip
@@ -158,7 +174,9 @@ def run_experiment(
         say(f"warm-up: {_fmt(run.result('warmup')['tests'])} (best val step {run.result('warmup')['best_step']})")
 
     # Self-evolving.
-    model, state = evolve(cfg, run, model, processor, io, data.train, data.val, init_dir, accelerator)
+    model, state = evolve(cfg, run, model, processor, io, data.train, data.val, init_dir, accelerator, backend)
+    if hasattr(backend, "close"):
+        backend.close()  # a vLLM engine's GPU memory, a CPU pool's worker processes
     evolve_seconds = sum(r["seconds"] for r in state.history)
 
     # Final evaluation.
@@ -221,7 +239,7 @@ def run_experiment(
 
 
 def hinted_warmup_set(
-    cfg: Config, run: RunDir, model, io: VLMInputs, train: list[Sample], accelerator=None
+    cfg: Config, run: RunDir, model, io: VLMInputs, train: list[Sample], accelerator=None, backend=None
 ) -> list[Sample]:
     """The warm-up set generated with the gold answer in the prompt (`evostar.hinted`).
 
@@ -233,15 +251,13 @@ def hinted_warmup_set(
 
     from evostar.distributed import generate_sharded
     from evostar.hinted import build_warmup_set, pick_prompts, warmup_records
-    from evostar.rollout import get_backend
-    from evostar.rollout.hf import generate
 
     path = run.root / "warmup_set.json"
     if run.done("hinted"):
         return load_samples(path)
     t0 = time.perf_counter()
     w = cfg.warmup
-    backend = generate if cfg.gen.backend == "hf" else get_backend(cfg.gen.backend, model_dir=cfg.model.path, seed=cfg.seed)
+    backend = backend or make_rollout(cfg)
     rollout = backend if accelerator is None else functools.partial(generate_sharded, accelerator, generate_fn=backend)
     prompts = pick_prompts(train, w.hinted_max_prompts, seed=stage_seed(cfg.seed, "hinted-prompts"))
     kept, stats = build_warmup_set(
@@ -250,8 +266,6 @@ def hinted_warmup_set(
         seed=stage_seed(cfg.seed, "hinted"), keep_per_prompt=w.hinted_keep_per_prompt,
         generate_fn=rollout, progress=cfg.progress,
     )  # fmt: skip
-    if hasattr(backend, "close"):
-        backend.close()  # a vLLM engine: free its GPU memory, evolve() builds its own
     stats["seconds"] = time.perf_counter() - t0
     if accelerator is None or accelerator.is_main_process:
         atomic_write_text(path, json.dumps(warmup_records(kept)))

@@ -3,8 +3,9 @@
 Both are callables with the signature of `evostar.rollout.hf.generate`
 (`fn(model, io, samples, *, k, temperature, top_p, max_new_tokens, batch_size, iteration, desc,
 progress) -> list[Response]`, K responses per sample in sample order), so the loop and
-`distributed.generate_sharded` take either. Imports are lazy: `import evostar.rollout` never
-imports vllm.
+`distributed.generate_sharded` take either. On CPU the hf backend can sample in several
+single-thread processes over a bf16 copy of the weights (`evostar.rollout.pool`). Imports are
+lazy: `import evostar.rollout` never imports vllm.
 """
 
 from __future__ import annotations
@@ -15,6 +16,25 @@ from typing import Any
 from evostar.records import Response
 
 BACKENDS = ("hf", "vllm")
+
+
+def make_rollout(cfg: Any) -> Callable[..., list[Response]]:
+    """The sampling callable a run's config asks for (`cfg`: `evostar.config.Config`).
+
+    Stateful backends (a vLLM engine, a worker pool) have a `close()`; call it when done.
+    """
+    gen = cfg.gen
+    if gen.backend == "hf" and (gen.workers > 1 or gen.rollout_dtype):
+        from evostar.rollout.pool import RolloutPool
+
+        return RolloutPool(
+            cfg.model.path, workers=gen.workers, dtype=gen.rollout_dtype or cfg.model.dtype,
+            prompt_template=cfg.model.prompt_template, system_prompt=cfg.model.system_prompt or None,
+            trust_remote_code=cfg.model.trust_remote_code,
+        )  # fmt: skip
+    if gen.backend == "hf":
+        return get_backend("hf")
+    return get_backend(gen.backend, model_dir=cfg.model.path, seed=cfg.seed)
 
 
 def get_backend(name: str, **options: Any) -> Callable[..., list[Response]]:
@@ -36,4 +56,4 @@ def get_backend(name: str, **options: Any) -> Callable[..., list[Response]]:
     raise ValueError(f"unknown rollout backend {name!r}; choose one of {BACKENDS}")
 
 
-__all__ = ["BACKENDS", "get_backend"]
+__all__ = ["BACKENDS", "get_backend", "make_rollout"]
