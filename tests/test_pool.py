@@ -142,3 +142,24 @@ def _running(pid: int) -> bool:
     except FileNotFoundError:
         return False
     return state != "Z"
+
+
+def test_a_worker_that_dies_is_an_error_not_a_hang(setup, tmp_path):
+    """A script without a main guard makes the spawned worker re-run it and die (it may not start
+    processes of its own while bootstrapping): the run must stop and say why."""
+    model_dir, samples = setup
+    script = tmp_path / "unguarded.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys
+        from evostar.data.loaders import load_samples
+        from evostar.models.hub import load_model, load_processor
+        from evostar.models.inputs import VLMInputs
+        from evostar.rollout.pool import RolloutPool
+        model = load_model({str(model_dir)!r})
+        pool = RolloutPool({str(model_dir)!r}, workers=2)
+        pool(model, VLMInputs(load_processor({str(model_dir)!r})), load_samples(sys.argv[1]), k=1)
+    """))
+    train = Path(samples[0].image).parent.parent / "train.json"
+    proc = subprocess.run([sys.executable, str(script), str(train)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "rollout worker" in proc.stderr and "__main__" in proc.stderr, proc.stderr[-2000:]

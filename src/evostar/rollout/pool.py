@@ -12,6 +12,9 @@ this process and `workers - 1` spawned ones each sample a contiguous shard of th
 seed drawn from torch's global generator, so a seeded call gives the same responses every time.
 It is callable like `evostar.rollout.hf.generate`. Greedy evaluation does not use it: accuracy is
 always measured on the policy itself.
+
+Workers are spawned (fork is unsafe with torch's threads), so they import the main module: a
+script that starts a run must keep that under `if __name__ == "__main__":` (the CLI does).
 """
 
 from __future__ import annotations
@@ -135,11 +138,15 @@ class RolloutPool:
                     daemon=True,
                 )  # fmt: skip
                 proc.start()
-                parent_end.send(shared)
+                child_end.close()  # only the worker holds it now: its death reads as EOF here
+                try:
+                    parent_end.send(shared)
+                except OSError:
+                    pass  # it died at start-up: _receive below says so
                 self.processes.append(proc)
                 self.pipes.append(parent_end)
-            for pipe in self.pipes:
-                self._receive(pipe)
+            for pipe, proc in zip(self.pipes, self.processes, strict=True):
+                self._receive(pipe, proc)
 
     @torch.no_grad()
     def update_weights(self, model: torch.nn.Module) -> None:
@@ -148,11 +155,19 @@ class RolloutPool:
         for name, tensor in _plain_state_dict(model).items():
             self.shared[name].copy_(tensor)
 
-    def _receive(self, pipe) -> Any:
+    def _receive(self, pipe, proc) -> Any:
         try:
+            while not pipe.poll(_POLL_SECONDS):
+                if not proc.is_alive():
+                    raise EOFError
             status, payload = pipe.recv()
-        except EOFError:
-            raise RuntimeError("a rollout worker process died (out of memory?)") from None
+        except (EOFError, OSError):  # closed or reset: the worker is gone
+            proc.join(timeout=5)
+            raise RuntimeError(
+                f"rollout worker (pid {proc.pid}) died with exit code {proc.exitcode}: see its output "
+                "above (a script that starts a run needs an `if __name__ == \"__main__\":` guard, "
+                "since workers are spawned and import the main module)"
+            ) from None
         if status == "error":
             raise RuntimeError(f"rollout worker failed:\n{payload}")
         return payload
@@ -189,7 +204,10 @@ class RolloutPool:
         kwargs = dict(k=k, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
                       batch_size=batch_size, iteration=iteration)  # fmt: skip
         for pipe, (start, stop), seed in zip(self.pipes, shards[1:], seeds[1:], strict=True):
-            pipe.send((list(samples[start:stop]), kwargs, seed))
+            try:
+                pipe.send((list(samples[start:stop]), kwargs, seed))
+            except OSError:
+                pass  # a dead worker: _receive below says so
         threads = torch.get_num_threads()
         if self.workers > 1:
             torch.set_num_threads(1)  # the other core is a worker's
@@ -202,8 +220,8 @@ class RolloutPool:
         finally:
             torch.set_num_threads(threads)
         responses = own
-        for pipe, (start, _) in zip(self.pipes, shards[1:], strict=True):
-            texts = self._receive(pipe)
+        for pipe, proc, (start, _) in zip(self.pipes, self.processes, shards[1:], strict=True):
+            texts = self._receive(pipe, proc)
             per_sample = k if temperature > 0 else 1
             for j, text in enumerate(texts):
                 sample = samples[start + j // per_sample]
