@@ -14,6 +14,8 @@ Image handling per family, for the gym's 84x28 strips at the defaults (patch 7, 
 - llava_next: "anyres" tiling keeps the aspect ratio: 3 tiles + a global view, 68 tokens.
 - idefics3: 3 tiles of 28x28 + a global view, each pixel-shuffled to 4 tokens, with Idefics3's
   `<fake_token_around_image>` / `<row_1_col_j>` / `<global-img>` wrappers: 26 tokens.
+- internvl: InternVL's dynamic tiling, 3 tiles of 28x28 + a thumbnail, each pixel-shuffled to 4
+  `<IMG_CONTEXT>` tokens, between `<img>` and `</img>`: 18 tokens.
 Only the Qwen families take no stretched or tiled detour, and they also cost the fewest tokens.
 """
 
@@ -27,10 +29,13 @@ from pathlib import Path
 import torch
 from transformers import (
     CLIPVisionConfig,
+    GotOcr2ImageProcessorPil,
     Idefics3Config,
     Idefics3ForConditionalGeneration,
     Idefics3ImageProcessorPil,
     Idefics3Processor,
+    InternVLConfig,
+    InternVLForConditionalGeneration,
     LlavaConfig,
     LlavaForConditionalGeneration,
     LlavaImageProcessorPil,
@@ -44,7 +49,7 @@ from transformers import (
     Qwen2_5_VLForConditionalGeneration,
 )
 
-from evostar.models.hub import save_model_and_processor
+from evostar.models.hub import ImageOnlyInternVLProcessor, save_model_and_processor
 from evostar.models.tiny import (
     TinyModelSpec,
     build_tiny_qwen2_vl,
@@ -54,7 +59,7 @@ from evostar.models.tiny import (
     train_tokenizer,
 )
 
-FAMILIES = ("qwen2_vl", "qwen2_5_vl", "llava", "llava_next", "idefics3")
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "llava", "llava_next", "idefics3", "internvl")
 
 # LLaVA-1.5 (Vicuna) turn style, plus an explicit `</s>` after the assistant turn: without an
 # end-of-turn token the model could never learn to stop.
@@ -98,6 +103,36 @@ IDEFICS3_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}Assistant:{% endif %}"
 )
 
+# InternVL3-hf: Qwen2.5 tokens and turns; the template writes one `<IMG_CONTEXT>` per image, which
+# the processor expands to `<img>` + image_seq_length x tiles `<IMG_CONTEXT>` + `</img>`.
+INTERNVL_SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<img>",
+    "</img>",
+    "<IMG_CONTEXT>",
+    "<video>",
+]
+# The tokenizer attributes `InternVLProcessor` reads (saved in tokenizer_config.json).
+INTERNVL_EXTRA_SPECIAL_TOKENS = {
+    "start_image_token": "<img>",
+    "end_image_token": "</img>",
+    "context_image_token": "<IMG_CONTEXT>",
+    "video_token": "<video>",
+}
+# transformers' own InternVL3-hf template (convert_internvl_weights_to_hf.py).
+INTERNVL_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n'}}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' %}{{ '<IMG_CONTEXT>\\n' }}"
+    "{% elif content['type'] == 'video' %}{{ '<video>\\n' }}"
+    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}{{'<|im_end|>\\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{'<|im_start|>assistant\\n' }}{% endif %}"
+)
+
 
 @dataclass
 class FamilySpec:
@@ -114,7 +149,7 @@ class FamilySpec:
     vision_heads: int = 4
     patch_size: int = 7
     image_size: int = 28
-    """LLaVA: side of the square CLIP input. Idefics3: side of one tile."""
+    """LLaVA: side of the square CLIP input. Idefics3, InternVL: side of one tile."""
     max_position_embeddings: int = 1024
 
 
@@ -323,6 +358,68 @@ def build_tiny_idefics3(
     return out
 
 
+def build_tiny_internvl(
+    texts: Iterable[str], out_dir: str | os.PathLike, spec: FamilySpec | None = None, seed: int = 0
+) -> Path:
+    """InternVL3 (native `internvl`): InternViT on image tiles + pixel shuffle + MLP + Qwen2.
+
+    The vision tower only takes square tiles of `image_size`. InternVL's dynamic tiling picks the
+    grid of up to `max_patches` tiles closest to the image's aspect ratio and adds a squashed
+    thumbnail, so an 84x28 strip is cut into its three 28x28 digit cells at native resolution
+    (a single 28x28 resize would squeeze three digits into one cell). Each tile is 4x4 patches,
+    pixel-shuffled (downsample 0.5) to 4 tokens.
+    """
+    spec = spec or FamilySpec()
+    tokenizer = train_tokenizer(
+        _texts_with(texts, "user\n", "assistant\n"),
+        spec.vocab_size,
+        special_tokens=INTERNVL_SPECIAL_TOKENS,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        extra_special_tokens=INTERNVL_EXTRA_SPECIAL_TOKENS,
+        chat_template=INTERNVL_CHAT_TEMPLATE,
+    )
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    pad = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    downsample = 0.5
+    image_seq_length = int((spec.image_size // spec.patch_size) ** 2 * downsample**2)
+    config = InternVLConfig(
+        vision_config=dict(
+            hidden_size=spec.vision_width,
+            intermediate_size=spec.vision_width * 2,
+            num_hidden_layers=spec.vision_depth,
+            num_attention_heads=spec.vision_heads,
+            image_size=spec.image_size,
+            patch_size=spec.patch_size,
+        ),
+        text_config={**_llama_text_config(spec, len(tokenizer), eos, pad), "model_type": "qwen2"},
+        image_token_id=tokenizer.context_image_token_id,
+        image_seq_length=image_seq_length,
+        downsample_ratio=downsample,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",  # drop the CLS feature
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    model = InternVLForConditionalGeneration(config)
+    _finish(model, eos, pad)
+    image_processor = GotOcr2ImageProcessorPil(
+        size={"height": spec.image_size, "width": spec.image_size},
+        crop_to_patches=True,
+        min_patches=1,
+        max_patches=6,
+    )
+    processor = ImageOnlyInternVLProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        image_seq_length=image_seq_length,
+        chat_template=INTERNVL_CHAT_TEMPLATE,
+    )
+    out = Path(out_dir)
+    save_model_and_processor(model, processor, out)
+    return out
+
+
 def _qwen2_vl(texts: Iterable[str], out_dir: str | os.PathLike, seed: int = 0) -> Path:
     return build_tiny_qwen2_vl(texts, out_dir, TinyModelSpec(), seed=seed)
 
@@ -333,6 +430,7 @@ BUILDERS: dict[str, Callable[..., Path]] = {
     "llava": build_tiny_llava,
     "llava_next": build_tiny_llava_next,
     "idefics3": build_tiny_idefics3,
+    "internvl": build_tiny_internvl,
 }
 
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, ProcessorMixin
+from transformers.models.internvl import InternVLConfig, InternVLProcessor
 from transformers.models.qwen2_vl import Qwen2VLConfig, Qwen2VLProcessor
 
 
@@ -36,6 +37,18 @@ class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
         return super()._get_num_multimodal_tokens(image_sizes=image_sizes, **kwargs)
 
 
+class ImageOnlyInternVLProcessor(InternVLProcessor):
+    """InternVL (the native InternVL3-hf format) processor without the video processor, for the
+    same reason as `ImageOnlyQwen2VLProcessor`. The tokenizer still names a `video_token`, which
+    `InternVLProcessor` reads; only video inputs are unsupported."""
+
+    def __init__(self, image_processor=None, tokenizer=None, image_seq_length: int = 256, chat_template=None, **kwargs):
+        kwargs.pop("video_processor", None)
+        super().__init__(
+            image_processor, tokenizer, None, image_seq_length=image_seq_length, chat_template=chat_template, **kwargs
+        )
+
+
 def _torchvision_available() -> bool:
     try:
         import torchvision  # noqa: F401
@@ -48,7 +61,7 @@ _REGISTERED = False
 
 
 def register_image_only_processors() -> None:
-    """Route Qwen2-VL configs to the image-only processor when torchvision is unusable."""
+    """Route Qwen2-VL and InternVL configs to image-only processors when torchvision is unusable."""
     global _REGISTERED
     if _REGISTERED or _torchvision_available():
         return
@@ -56,6 +69,7 @@ def register_image_only_processors() -> None:
 
     for config_class in (Qwen2VLConfig, Qwen2_5_VLConfig):
         AutoProcessor.register(config_class, ImageOnlyQwen2VLProcessor, exist_ok=True)
+    AutoProcessor.register(InternVLConfig, ImageOnlyInternVLProcessor, exist_ok=True)
     _REGISTERED = True
 
 
