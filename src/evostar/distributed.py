@@ -17,9 +17,10 @@ Launch on CPU (gloo; `accelerate launch --cpu --num_processes 2` silently runs o
     torchrun --nproc_per_node 2 script.py
     ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 --num_machines 1 script.py
 
-Tested: DDP on CPU. The FSDP and DeepSpeed configs in `configs/accelerate/` prepare the SFT step
-through the same code, but the loop generates, evaluates and saves with the unwrapped module,
-which holds the full weights only under DDP and ZeRO-2 (see the configs' headers).
+Tested: DDP on CPU (accelerate turns an FSDP launch on CPU into plain multi-CPU DDP, so FSDP
+cannot be tried here). The loop generates, evaluates and saves with the unwrapped module, which
+holds the full weights only under DDP, ZeRO-2 and FSDP NO_SHARD: `make_accelerator` refuses
+FSDP sharding and ZeRO-3 at start (`sharded_weights_problem`) instead of failing mid-run.
 """
 
 from __future__ import annotations
@@ -62,7 +63,42 @@ def make_accelerator(cfg: Config | None = None) -> Accelerator:
     device = cfg.device if cfg is not None else "auto"
     cpu = device == "cpu" or not torch.cuda.is_available()
     ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
-    return Accelerator(cpu=cpu, kwargs_handlers=[ddp])
+    accelerator = Accelerator(cpu=cpu, kwargs_handlers=[ddp])
+    problem = sharded_weights_problem(accelerator)
+    if problem:
+        from evostar.config import ConfigError
+
+        raise ConfigError(problem)
+    return accelerator
+
+
+def sharded_weights_problem(accelerator: Accelerator) -> str | None:
+    """Why the launcher's sharding would leave the loop without full weights, or None.
+
+    The loop samples, evaluates and saves with the unwrapped module. FSDP (every strategy but
+    NO_SHARD) and DeepSpeed ZeRO-3 keep only this rank's shard of each parameter there outside
+    forward/backward, so sampling would fail or read garbage hours into a run: refuse at start.
+    """
+    from accelerate.utils import DistributedType
+
+    kind = accelerator.distributed_type
+    hint = "launch with configs/accelerate/ddp.yaml or deepspeed_zero2.yaml (full weights per rank)"
+    if kind == DistributedType.FSDP:
+        plugin = accelerator.state.fsdp_plugin
+        strategy = getattr(plugin, "sharding_strategy", None)
+        if plugin.fsdp_version == 1 and getattr(strategy, "name", strategy) == "NO_SHARD":
+            return None
+        return (
+            f"FSDP (version {plugin.fsdp_version}, {getattr(strategy, 'name', None) or 'sharded'}) is not "
+            "supported by the loop yet: sampling, evaluation and saving need the full parameters "
+            f"(FSDP.summon_full_params), which evostar does not gather; {hint}"
+        )
+    if kind == DistributedType.DEEPSPEED and int(accelerator.state.deepspeed_plugin.zero_stage) >= 3:
+        return (
+            "DeepSpeed ZeRO-3 is not supported by the loop yet: sampling, evaluation and saving "
+            f"need the full parameters (deepspeed.zero.GatheredParameters); {hint}"
+        )
+    return None
 
 
 def shard_bounds(n: int, world: int, rank: int) -> tuple[int, int]:
