@@ -26,10 +26,11 @@ GYM_FAMILIES = (("arith", 0.9), ("compare", 0.05), ("bars", 0.05))
 # Shared by the presets. The warm-up runs at a constant LR and keeps its best validation
 # checkpoint (a decaying LR flattened the validation curve early only because the LR had run
 # out). 1,000 steps is short of the plateau on some seeds: a 2,000-step warm-up scores 1-9
-# test-ID points more (README), which this 10-minute budget cannot fit beside the loop. The loop
-# samples K=4 at T=1.0 from a bf16 copy of the policy in two single-thread processes; its peak
-# LR is low because the memorised warm-up model is fragile (a fresh AdamW at 5e-4 costs it ~8
-# validation points even on the gold seed set).
+# test-ID points more, and weight decay 1.0 a much stronger warm-up (README: open problem);
+# this 10-minute budget cannot fit either beside the loop. The loop samples K=4 at T=1.0 from a
+# bf16 copy of the policy in two single-thread processes; its peak LR is low because the
+# memorised warm-up model is fragile (a fresh AdamW at 5e-4 costs it ~8 validation points even
+# on the gold seed set).
 _WARMUP = {"eval_every": 100, "optim": {"schedule": "constant", "weight_decay": 0.1}}
 _GEN = {"k": 4, "temperature": 1.0, "max_new_tokens": 48, "workers": 2, "rollout_dtype": "bfloat16"}
 _EVOLVE_OPTIM = {"lr": 2e-4, "weight_decay": 0.0}
