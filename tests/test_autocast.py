@@ -25,12 +25,7 @@ RESPONSES = ["1 + 2 = 3\n\n# Answer\n\n3", "# Answer\n\n7", "4 + 5 = 9\n\n# Answ
 STEPS = 3
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

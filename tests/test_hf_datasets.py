@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from datasets import Dataset, DatasetDict, Features, Image, List, Value
 from PIL import Image as PILImage
 from PIL import ImageDraw
@@ -18,13 +17,7 @@ from PIL import ImageDraw
 from evostar.data.hf_datasets import is_hf_spec, load_hf_samples
 from evostar.data.loaders import DataError, load_samples
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _dots(n: int, seed: int = 0) -> PILImage.Image:

@@ -30,12 +30,7 @@ from evostar.train import Example, SFTTrainer
 GOOD = "I read the digits.\n\nI add them up."
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _sample(sid: str = "s1", answer: str = "7", choices: list[str] | None = None) -> Sample:

@@ -12,7 +12,10 @@ from PIL import Image
 
 pytest.importorskip("peft")
 # peft itself still calls the pre-v5 name.
-pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+pytestmark = [
+    pytest.mark.usefixtures("one_thread"),
+    pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning"),
+]
 
 from evostar.config import OptimConfig  # noqa: E402
 from evostar.models import lora  # noqa: E402
@@ -25,14 +28,6 @@ from evostar.rollout.hf import generate  # noqa: E402
 from evostar.train import Example, SFTTrainer  # noqa: E402
 
 RESPONSES = ["1 + 2 = 3\n\n# Answer\n\n3", "# Answer\n\n7", "4 + 5 = 9\n\n# Answer\n\n9"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

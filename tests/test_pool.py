@@ -25,12 +25,7 @@ from evostar.rollout.pool import RolloutPool
 GEN = dict(k=3, temperature=1.0, top_p=1.0, max_new_tokens=10, batch_size=12, iteration=1)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
