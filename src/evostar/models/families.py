@@ -45,6 +45,7 @@ from transformers import (
     LlavaNextProcessor,
     LlavaProcessor,
     PreTrainedTokenizerFast,
+    ProcessorMixin,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
 )
@@ -176,6 +177,24 @@ def _llama_text_config(spec: FamilySpec, vocab: int, eos: int, pad: int) -> dict
     )
 
 
+def _vit_config(spec: FamilySpec) -> dict:
+    """The plain ViT sizes Idefics3's SigLIP and InternVL's InternViT configs share."""
+    return dict(
+        hidden_size=spec.vision_width,
+        intermediate_size=spec.vision_width * 2,
+        num_hidden_layers=spec.vision_depth,
+        num_attention_heads=spec.vision_heads,
+        image_size=spec.image_size,
+        patch_size=spec.patch_size,
+    )
+
+
+def _save(model: torch.nn.Module, processor: ProcessorMixin, out_dir: str | os.PathLike) -> Path:
+    out = Path(out_dir)
+    save_model_and_processor(model, processor, out)
+    return out
+
+
 def _finish(model: torch.nn.Module, eos: int, pad: int) -> None:
     model.generation_config.eos_token_id = eos
     model.generation_config.pad_token_id = pad
@@ -276,9 +295,7 @@ def build_tiny_llava(
         size=side, crop_size=side, do_center_crop=False, do_pad=False
     )
     processor = LlavaProcessor(image_processor=image_processor, **_llava_processor_kwargs(spec, tokenizer))
-    out = Path(out_dir)
-    save_model_and_processor(model, processor, out)
-    return out
+    return _save(model, processor, out_dir)
 
 
 def build_tiny_llava_next(
@@ -300,9 +317,7 @@ def build_tiny_llava_next(
         size=side, crop_size=side, do_center_crop=False, image_grid_pinpoints=pinpoints
     )
     processor = LlavaNextProcessor(image_processor=image_processor, **_llava_processor_kwargs(spec, tokenizer))
-    out = Path(out_dir)
-    save_model_and_processor(model, processor, out)
-    return out
+    return _save(model, processor, out_dir)
 
 
 def build_tiny_idefics3(
@@ -325,14 +340,7 @@ def build_tiny_idefics3(
     scale = 2
     image_seq_len = (spec.image_size // spec.patch_size) ** 2 // scale**2
     config = Idefics3Config(
-        vision_config=dict(
-            hidden_size=spec.vision_width,
-            intermediate_size=spec.vision_width * 2,
-            num_hidden_layers=spec.vision_depth,
-            num_attention_heads=spec.vision_heads,
-            image_size=spec.image_size,
-            patch_size=spec.patch_size,
-        ),
+        vision_config=_vit_config(spec),
         text_config=_llama_text_config(spec, len(tokenizer), eos, pad),
         image_token_id=image_token,
         scale_factor=scale,
@@ -353,9 +361,7 @@ def build_tiny_idefics3(
         image_seq_len=image_seq_len,
         chat_template=IDEFICS3_CHAT_TEMPLATE,
     )
-    out = Path(out_dir)
-    save_model_and_processor(model, processor, out)
-    return out
+    return _save(model, processor, out_dir)
 
 
 def build_tiny_internvl(
@@ -384,14 +390,7 @@ def build_tiny_internvl(
     downsample = 0.5
     image_seq_length = int((spec.image_size // spec.patch_size) ** 2 * downsample**2)
     config = InternVLConfig(
-        vision_config=dict(
-            hidden_size=spec.vision_width,
-            intermediate_size=spec.vision_width * 2,
-            num_hidden_layers=spec.vision_depth,
-            num_attention_heads=spec.vision_heads,
-            image_size=spec.image_size,
-            patch_size=spec.patch_size,
-        ),
+        vision_config=_vit_config(spec),
         text_config={**_llama_text_config(spec, len(tokenizer), eos, pad), "model_type": "qwen2"},
         image_token_id=tokenizer.context_image_token_id,
         image_seq_length=image_seq_length,
@@ -415,9 +414,7 @@ def build_tiny_internvl(
         image_seq_length=image_seq_length,
         chat_template=INTERNVL_CHAT_TEMPLATE,
     )
-    out = Path(out_dir)
-    save_model_and_processor(model, processor, out)
-    return out
+    return _save(model, processor, out_dir)
 
 
 def _qwen2_vl(texts: Iterable[str], out_dir: str | os.PathLike, seed: int = 0) -> Path:
