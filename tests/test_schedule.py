@@ -23,6 +23,17 @@ def test_schedule_shapes(schedule):
         assert lrs[1] == pytest.approx(0.55) and lrs[2] == pytest.approx(0.1)
 
 
+def test_wsd_holds_then_decays():
+    sched = ProgressSchedule(_opt(), OptimConfig(lr=1.0, schedule="wsd", decay_ratio=0.25, min_lr_ratio=0.0))
+    lrs = {}
+    for p in (0.0, 0.5, 0.75, 0.875, 1.0):
+        sched.set_progress(p)
+        lrs[p] = sched.optimizer.param_groups[0]["lr"]
+    assert lrs == pytest.approx({0.0: 1.0, 0.5: 1.0, 0.75: 1.0, 0.875: 0.5, 1.0: 0.0})
+    with pytest.raises(ValueError, match="decay_ratio"):
+        ProgressSchedule(_opt(), OptimConfig(schedule="wsd", decay_ratio=0.0))
+
+
 def test_warmup_and_state_round_trip():
     cfg = OptimConfig(lr=2.0, schedule="cosine", warmup_ratio=0.2, min_lr_ratio=0.0)
     sched = ProgressSchedule(_opt(2.0), cfg)

@@ -32,7 +32,7 @@ def _user_errors():
 
 @app.command()
 def demo(
-    preset: Annotated[str, typer.Option(help="quick (~2.5 min) or default (~8 min) on 2 CPU cores.")] = "default",
+    preset: Annotated[str, typer.Option(help="quick (~2.5 min) or default (~9 min) on 2 CPU cores.")] = "default",
     out: Annotated[Path, typer.Option(help="Run directory.")] = Path("runs/demo"),
     seed: Annotated[int, typer.Option(help="Seed of the gym, the model and every sample.")] = 0,
     resume: Annotated[bool, typer.Option("--resume", help="Continue a killed run in OUT.")] = False,

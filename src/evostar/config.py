@@ -86,7 +86,12 @@ class GenerationConfig:
 class OptimConfig:
     lr: float = _f(5e-4, "Peak learning rate (AdamW).")
     min_lr_ratio: float = _f(0.1, "Final LR as a fraction of the peak (linear/cosine).")
-    schedule: str = _f("cosine", "constant, linear or cosine.")
+    schedule: str = _f(
+        "cosine",
+        "constant, linear, cosine, or wsd (warmup-stable-decay: constant, then linear decay to "
+        "min_lr_ratio over the last decay_ratio of the steps).",
+    )
+    decay_ratio: float = _f(0.2, "wsd: share of the steps, at the end, over which the LR decays.")
     warmup_ratio: float = _f(0.0, "Share of the steps with a linear LR warm-up.")
     weight_decay: float = _f(0.0, "AdamW weight decay.")
     batch_size: int = _f(32, "Examples per optimizer step.")

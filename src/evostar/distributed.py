@@ -39,7 +39,7 @@ from evostar.config import Config, OptimConfig
 from evostar.models.inputs import VLMInputs
 from evostar.records import Response, Sample
 from evostar.rundir import RunDir, stage_seed
-from evostar.train import Example, ProgressSchedule, SFTTrainer, autocast
+from evostar.train import Example, ProgressSchedule, SFTTrainer, autocast, new_adamw
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -172,10 +172,7 @@ class DistributedSFTTrainer(SFTTrainer):
         return wrapped
 
     def _new_optimizer(self, module: torch.nn.Module) -> torch.optim.Optimizer:
-        params = [p for p in module.parameters() if p.requires_grad]
-        return torch.optim.AdamW(
-            params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay, betas=(0.9, 0.999)
-        )
+        return new_adamw(module, self.cfg)
 
     def _step(self, examples: Sequence[Example]) -> tuple[float, int]:
         acc = self.accelerator

@@ -55,9 +55,20 @@ def autocast(cfg: OptimConfig, device: torch.device) -> contextlib.AbstractConte
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def new_adamw(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters, fused where PyTorch has the kernel: one call per
+    step instead of a dozen per tensor (on the tiny CPU model ~2 ms instead of ~10 ms)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    fused = bool(params) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+    return torch.optim.AdamW(
+        params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999), fused=fused or None
+    )
+
+
 class ProgressSchedule:
     """LR as a function of training progress in [0, 1] (linear warm-up, then constant / linear /
-    cosine decay to `min_lr_ratio`).
+    cosine decay to `min_lr_ratio`, or wsd: constant, then a linear decay over the last
+    `decay_ratio`, which ends a noisy constant-LR phase in a settled model).
 
     Progress, not the optimizer step, drives it: an iteration's SFT takes as many steps as its
     selected data needs, and continuous self-evolving maps iteration i of n to progress
@@ -65,8 +76,10 @@ class ProgressSchedule:
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, cfg: OptimConfig) -> None:
-        if cfg.schedule not in ("constant", "linear", "cosine"):
-            raise ValueError(f"unknown schedule {cfg.schedule!r} (constant, linear, cosine)")
+        if cfg.schedule not in ("constant", "linear", "cosine", "wsd"):
+            raise ValueError(f"unknown schedule {cfg.schedule!r} (constant, linear, cosine, wsd)")
+        if cfg.schedule == "wsd" and not 0.0 < cfg.decay_ratio <= 1.0:
+            raise ValueError(f"decay_ratio must be in (0, 1], got {cfg.decay_ratio}")
         self.optimizer = optimizer
         self.cfg = cfg
         self.base_lrs = [g["lr"] for g in optimizer.param_groups]
@@ -80,6 +93,9 @@ class ProgressSchedule:
         if cfg.schedule == "constant":
             return 1.0
         p = min(1.0, (progress - cfg.warmup_ratio) / max(1e-9, 1.0 - cfg.warmup_ratio))
+        if cfg.schedule == "wsd":
+            p = max(0.0, (p - (1.0 - cfg.decay_ratio)) / cfg.decay_ratio)
+            return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * (1.0 - p)
         shape = 1.0 - p if cfg.schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * p))
         return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * shape
 
@@ -109,10 +125,7 @@ class SFTTrainer:
         self.reset_optimizer()
 
     def reset_optimizer(self) -> None:
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(
-            params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay, betas=(0.9, 0.999)
-        )
+        self.optimizer = new_adamw(self.model, self.cfg)
         self.scheduler = ProgressSchedule(self.optimizer, self.cfg)
         self.step = 0
 
