@@ -178,7 +178,7 @@ def _llama_text_config(spec: FamilySpec, vocab: int, eos: int, pad: int) -> dict
 
 
 def _vit_config(spec: FamilySpec) -> dict:
-    """The plain ViT sizes Idefics3's SigLIP and InternVL's InternViT configs share."""
+    """The plain ViT sizes LLaVA's CLIP, Idefics3's SigLIP and InternVL's InternViT configs share."""
     return dict(
         hidden_size=spec.vision_width,
         intermediate_size=spec.vision_width * 2,
@@ -246,15 +246,7 @@ def _llava_config_kwargs(spec: FamilySpec, tokenizer: PreTrainedTokenizerFast) -
     """What LLaVA and LLaVA-NeXT configs share: CLIP ViT, Llama, `<image>` token."""
     eos, pad = tokenizer.convert_tokens_to_ids("</s>"), tokenizer.convert_tokens_to_ids("<pad>")
     return dict(
-        vision_config=CLIPVisionConfig(
-            hidden_size=spec.vision_width,
-            intermediate_size=spec.vision_width * 2,
-            projection_dim=spec.vision_width,
-            num_hidden_layers=spec.vision_depth,
-            num_attention_heads=spec.vision_heads,
-            image_size=spec.image_size,
-            patch_size=spec.patch_size,
-        ).to_dict(),
+        vision_config=CLIPVisionConfig(**_vit_config(spec), projection_dim=spec.vision_width).to_dict(),
         text_config=_llama_text_config(spec, len(tokenizer), eos, pad),
         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
         image_seq_length=(spec.image_size // spec.patch_size) ** 2,
