@@ -85,7 +85,7 @@ class GenerationConfig:
 @dataclass
 class OptimConfig:
     lr: float = _f(5e-4, "Peak learning rate (AdamW).")
-    min_lr_ratio: float = _f(0.1, "Final LR as a fraction of the peak (linear/cosine).")
+    min_lr_ratio: float = _f(0.1, "Final LR as a fraction of the peak (linear/cosine/wsd).")
     schedule: str = _f(
         "cosine",
         "constant, linear, cosine, or wsd (warmup-stable-decay: constant, then linear decay to "

@@ -31,7 +31,7 @@ GYM_FAMILIES = (("arith", 0.9), ("compare", 0.05), ("bars", 0.05))
 # from a bf16 copy of the policy in two single-thread processes; its peak LR is low because the
 # memorised warm-up model is fragile (a fresh AdamW at 5e-4 costs it ~8 validation points even
 # on the gold seed set).
-_WARMUP = {"eval_every": 100, "optim": {"schedule": "constant", "weight_decay": 0.1}}
+_WARMUP = {"optim": {"schedule": "constant", "weight_decay": 0.1}}
 _GEN = {"k": 4, "temperature": 1.0, "max_new_tokens": 48, "workers": 2, "rollout_dtype": "bfloat16"}
 _EVOLVE_OPTIM = {"lr": 2e-4, "weight_decay": 0.0}
 
@@ -52,7 +52,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "config": {
             # Too short for the warm-up's plateau (~1,500 steps): part of this preset's gain is
             # what a longer warm-up would give too.
-            "warmup": {"steps": 450, **_WARMUP, "eval_every": 150},
+            "warmup": {"steps": 450, "eval_every": 150, **_WARMUP},
             "evolve": {"iterations": 5, "interval": 0.25, "optim": _EVOLVE_OPTIM},
             "gen": _GEN,
             "eval": {"pass_k": 4, "pass_prompts": 48, "pass_temperature": -1.0},
@@ -61,7 +61,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "default": {
         "gym": {"n_seed": 300, "n_train": 4000, "n_val": 250, "n_test_id": 500, "n_test_ood": 500, "ood_style_strength": 0.5},
         "config": {
-            "warmup": {"steps": 1500, **_WARMUP, "eval_every": 250},
+            "warmup": {"steps": 1500, "eval_every": 250, **_WARMUP},
             "evolve": {"iterations": 6, "interval": 0.25, "optim": _EVOLVE_OPTIM},
             "gen": _GEN,
             "eval": {"pass_k": 4, "pass_prompts": 64, "pass_temperature": -1.0},

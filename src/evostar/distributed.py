@@ -145,7 +145,7 @@ class DistributedSFTTrainer(SFTTrainer):
         if self._deepspeed:
             # model and optimizer form one engine: a fresh optimizer means a fresh engine
             acc.free_memory()
-            optimizer = self._new_optimizer(self.model)
+            optimizer = new_adamw(self.model, self.cfg)
             self.scheduler = ProgressSchedule(optimizer, self.cfg)
             self.wrapped, self.optimizer = acc.prepare(self.model, optimizer)
         else:
@@ -153,7 +153,7 @@ class DistributedSFTTrainer(SFTTrainer):
             # iterative RFT then only swaps the optimizer.
             if self.wrapped is None:
                 self.wrapped = self._wrap_once()
-            optimizer = self._new_optimizer(self.wrapped)
+            optimizer = new_adamw(self.wrapped, self.cfg)
             self.scheduler = ProgressSchedule(optimizer, self.cfg)
             self.optimizer = acc.prepare(optimizer)
         self.step = 0
@@ -170,9 +170,6 @@ class DistributedSFTTrainer(SFTTrainer):
             wrapped = self.accelerator.prepare(self.model)
             self.model.__dict__["_evostar_wrapped"] = wrapped
         return wrapped
-
-    def _new_optimizer(self, module: torch.nn.Module) -> torch.optim.Optimizer:
-        return new_adamw(module, self.cfg)
 
     def _step(self, examples: Sequence[Example]) -> tuple[float, int]:
         acc = self.accelerator

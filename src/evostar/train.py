@@ -67,8 +67,8 @@ def new_adamw(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
 
 class ProgressSchedule:
     """LR as a function of training progress in [0, 1] (linear warm-up, then constant / linear /
-    cosine decay to `min_lr_ratio`, or wsd: constant, then a linear decay over the last
-    `decay_ratio`, which ends a noisy constant-LR phase in a settled model).
+    cosine decay to `min_lr_ratio`, or wsd: constant, then the linear decay over the last
+    `decay_ratio` only).
 
     Progress, not the optimizer step, drives it: an iteration's SFT takes as many steps as its
     selected data needs, and continuous self-evolving maps iteration i of n to progress
@@ -93,10 +93,9 @@ class ProgressSchedule:
         if cfg.schedule == "constant":
             return 1.0
         p = min(1.0, (progress - cfg.warmup_ratio) / max(1e-9, 1.0 - cfg.warmup_ratio))
-        if cfg.schedule == "wsd":
+        if cfg.schedule == "wsd":  # hold the peak, then decay linearly over the last decay_ratio
             p = max(0.0, (p - (1.0 - cfg.decay_ratio)) / cfg.decay_ratio)
-            return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * (1.0 - p)
-        shape = 1.0 - p if cfg.schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * p))
+        shape = 0.5 * (1.0 + math.cos(math.pi * p)) if cfg.schedule == "cosine" else 1.0 - p
         return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * shape
 
     def set_progress(self, progress: float) -> None:
