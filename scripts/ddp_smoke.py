@@ -1,6 +1,13 @@
 """Two-process smoke run of the distributed self-evolving loop (CPU, gloo), for tests/test_ddp.py.
 
-    torchrun --nproc_per_node 2 scripts/ddp_smoke.py WORK
+    torchrun --nproc_per_node 2 scripts/ddp_smoke.py WORK [ddp | fsdp.yaml | fsdp2.yaml]
+
+`ddp` (the default) is plain DDP. `fsdp.yaml` / `fsdp2.yaml` run FSDP (v1 / v2, full sharding)
+with the `fsdp_config` of that file in configs/accelerate/ (mixed precision off, so that the
+step can be compared with a single-process one). accelerate builds FSDP only for GPU-like devices
+and turns an FSDP launch on CPU into DDP, so `fsdp_accelerator` sets the plugin on the
+accelerator's state itself; everything from there on (wrapping, sharded steps, gathering) is
+accelerate's and torch's real FSDP.
 
 In one launch, on a tiny Qwen2-VL and a tiny gym:
 
@@ -12,6 +19,9 @@ In one launch, on a tiny Qwen2-VL and a tiny gym:
 3. run A: two loop iterations, uninterrupted.
 4. run B: the same two iterations, killed (an exception) right after iteration 1 is marked
    finished, then resumed from the run directory with a freshly loaded model.
+5. reuse: a second trainer on a module whose weights were reset after the first one trained
+   must train from the reset weights (warm-up -> loop under FSDP).
+6. iterative RFT and ReST-EM, two iterations each.
 
 Each rank writes WORK/result_rank{R}.json: weight digests after each phase (the test compares
 ranks) and, on rank 0, the step difference and both runs' metrics and checkpoint digests.
@@ -25,6 +35,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 
 from evostar.config import (
     Config,
@@ -46,6 +57,30 @@ from evostar.evolve import evolve
 from evostar.models.hub import load_model, load_processor, save_model_and_processor
 from evostar.models.inputs import VLMInputs
 from evostar.train import Example, SFTTrainer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def fsdp_accelerator(config_name: str):
+    """An FSDP `Accelerator` on CPU, configured from configs/accelerate/<config_name>."""
+    import os
+
+    from accelerate import FullyShardedDataParallelPlugin
+    from accelerate.utils import DistributedType
+
+    launch = yaml.safe_load((ROOT / "configs" / "accelerate" / config_name).read_text())
+    assert launch["distributed_type"] == "FSDP", config_name
+    # what `accelerate launch` does with the file: fsdp_x: v -> FSDP_X=v, read by the plugin
+    for key, value in launch["fsdp_config"].items():
+        os.environ["FSDP_" + key.removeprefix("fsdp_").upper()] = (
+            str(value).lower() if isinstance(value, bool) else str(value)
+        )
+    acc = make_accelerator(Config(device="cpu"))
+    os.environ["ACCELERATE_USE_FSDP"] = "true"  # set before, it makes accelerate demand a GPU
+    acc.state.distributed_type = DistributedType.FSDP
+    acc.state.fsdp_plugin = FullyShardedDataParallelPlugin()
+    acc.state.device = torch.device("cpu")  # FSDP1 compares it with the CPU compute device ("cpu")
+    return acc
 
 
 class Killed(RuntimeError):
@@ -104,14 +139,21 @@ def checkpoint_digest(path: Path) -> dict:
     }
 
 
-def main(work: Path) -> None:
+def main(work: Path, mode: str = "ddp") -> None:
     torch.set_num_threads(1)
-    acc = make_accelerator(Config(device="cpu"))
+    acc = make_accelerator(Config(device="cpu")) if mode == "ddp" else fsdp_accelerator(mode)
     rank, world = acc.process_index, acc.num_processes
     assert world == 2, (
         f"expected 2 processes, got {world} (launch with torchrun --nproc_per_node 2)"
     )
-    out: dict = {"rank": rank, "world": world, "seconds": {}}
+    out: dict = {
+        "rank": rank,
+        "world": world,
+        "seconds": {},
+        "distributed_type": str(acc.distributed_type),
+    }
+    if mode != "ddp":
+        out["fsdp_version"] = acc.state.fsdp_plugin.fsdp_version
     t0 = time.perf_counter()
 
     data = work / "data"
@@ -139,6 +181,10 @@ def main(work: Path) -> None:
     ddp = DistributedSFTTrainer(model, io, optim, accelerator=acc)
     ddp_stats = ddp.train(examples, 1, seed=123, progress=False)
     out["step_digest"] = assert_in_sync(acc, model)
+    # how much of the model this rank's training module holds (FSDP: about 1/world)
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in ddp.wrapped.parameters()]
+    out["local_numel"] = sum(p.numel() for p in local)
+    out["full_numel"] = sum(p.numel() for p in model.parameters())
     if acc.is_main_process:
         ref_model = load_model(work / "model_init")
         ref = SFTTrainer(ref_model, io, optim)
@@ -224,6 +270,37 @@ def main(work: Path) -> None:
     out["b_digest"] = assert_in_sync(acc, model)
     out["seconds"]["run_b"] = time.perf_counter() - t0
 
+    # 5. A second trainer on the same module starts from the module's weights (warm-up ends by
+    # restoring its best weights in the module; the loop's trainer must train from those).
+    t0 = time.perf_counter()
+    model = load_model(cfg.model.path)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    first = DistributedSFTTrainer(model, io, teach, accelerator=acc)
+    first.train([Example(s, s.target) for s in train], 2, seed=1, progress=False)
+    moved = max(float((v - before[k]).abs().max()) for k, v in model.state_dict().items())
+    model.load_state_dict(before)
+    second = DistributedSFTTrainer(model, io, teach, accelerator=acc)
+    trained_on = second._full_state_dict() if second._fsdp else second.wrapped.state_dict()
+    trained_on = {k.removeprefix("module."): v for k, v in trained_on.items()}
+    out["reuse"] = {
+        "moved": moved,
+        "max_abs_diff": max(float((trained_on[k] - v).abs().max()) for k, v in before.items()),
+    }
+    # 6. The other loop modes: iterative RFT (fresh optimizer each iteration) and ReST-EM
+    # (a fresh module each iteration, so a fresh training copy under FSDP).
+    for mode in ("iterative_rft", "rest_em"):
+        cfg = loop_config(work, work / f"run_{mode}")
+        cfg.evolve.mode = mode
+        model = load_model(cfg.model.path)
+        model, state = evolve(
+            cfg, SharedRunDir(cfg.output_dir, acc), model, processor, io, train, val,
+            cfg.model.path, accelerator=acc,
+        )  # fmt: skip
+        out[f"{mode}_digest"] = assert_in_sync(acc, model)
+        out[f"{mode}_kept"] = [r["kept"] for r in state.history]
+        out[f"{mode}_optimizer_steps"] = [r["optimizer_step"] for r in state.history]
+    out["seconds"]["reuse_and_modes"] = time.perf_counter() - t0
+
     if acc.is_main_process:
 
         def records(state):
@@ -242,4 +319,4 @@ def main(work: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(Path(sys.argv[1]), *sys.argv[2:])

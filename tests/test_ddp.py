@@ -1,8 +1,10 @@
-"""Two-process DDP on CPU (gloo): the distributed loop is consistent, resumable and exact.
+"""Two processes on CPU (gloo): the distributed loop is consistent, resumable and exact, under
+DDP and under FSDP v1 and v2 with full sharding (the shipped configs/accelerate/fsdp*.yaml).
 
-One `torchrun --standalone --nproc_per_node 2 scripts/ddp_smoke.py` launch (see that script) runs
-a DDP step next to a single-process one, and the self-evolving loop on a tiny Qwen2-VL and gym
-twice: uninterrupted, and killed after iteration 1 then resumed. These tests read what it wrote.
+One `torchrun --standalone --nproc_per_node 2 scripts/ddp_smoke.py WORK MODE` launch per mode
+(see that script) runs a distributed step next to a single-process one, and the self-evolving
+loop on a tiny Qwen2-VL and gym twice: uninterrupted, and killed after iteration 1 then resumed;
+then iterative RFT and ReST-EM. These tests read what it wrote.
 """
 
 from __future__ import annotations
@@ -22,9 +24,13 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "ddp_smoke.py"
 
 
-@pytest.fixture(scope="module")
-def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
-    work = tmp_path_factory.mktemp("ddp")
+MODES = ["ddp", "fsdp.yaml", "fsdp2.yaml"]
+
+
+@pytest.fixture(scope="module", params=MODES)
+def ranks(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+    mode = request.param
+    work = tmp_path_factory.mktemp(mode.removesuffix(".yaml"))
     env = {
         **os.environ,
         "OMP_NUM_THREADS": "1",
@@ -41,13 +47,15 @@ def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
         "2",
         str(SCRIPT),
         str(work),
+        mode,
     ]
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     if proc.returncode != 0:
         pytest.fail(
             f"torchrun exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
         )
-    return [json.loads((work / f"result_rank{r}.json").read_text()) for r in range(2)]
+    out = [json.loads((work / f"result_rank{r}.json").read_text()) for r in range(2)]
+    return [{**r, "mode": mode} for r in out]
 
 
 def test_two_processes_ran(ranks: list[dict]) -> None:
@@ -56,8 +64,42 @@ def test_two_processes_ran(ranks: list[dict]) -> None:
 
 
 def test_ranks_hold_identical_weights(ranks: list[dict]) -> None:
-    for phase in ("step_digest", "memorize_digest", "a_digest", "b_digest"):
+    phases = (
+        "step_digest",
+        "memorize_digest",
+        "a_digest",
+        "b_digest",
+        "iterative_rft_digest",
+        "rest_em_digest",
+    )
+    for phase in phases:
         assert ranks[0][phase] == ranks[1][phase], phase
+
+
+def test_fsdp_shards_the_training_module(ranks: list[dict]) -> None:
+    r0 = ranks[0]
+    if r0["mode"] == "ddp":
+        assert r0["distributed_type"] == "DistributedType.MULTI_CPU"
+        assert all(r["local_numel"] == r["full_numel"] for r in ranks)
+        return
+    assert r0["distributed_type"] == "DistributedType.FSDP"
+    assert r0["fsdp_version"] == (2 if r0["mode"] == "fsdp2.yaml" else 1)
+    for r in ranks:  # each rank trains about half of the weights (FSDP1 pads its flat shards)
+        assert r["local_numel"] <= 0.51 * r["full_numel"], r
+    assert sum(r["local_numel"] for r in ranks) >= r0["full_numel"]
+
+
+def test_a_new_trainer_trains_from_the_modules_weights(ranks: list[dict]) -> None:
+    reuse = ranks[0]["reuse"]
+    assert reuse["moved"] > 1e-4  # the first trainer did change the module
+    assert reuse["max_abs_diff"] == 0.0  # the second one starts from the restored weights
+
+
+def test_iterative_rft_and_rest_em_train(ranks: list[dict]) -> None:
+    r0 = ranks[0]
+    for mode in ("iterative_rft", "rest_em"):
+        assert all(k > 0 for k in r0[f"{mode}_kept"]), mode
+        assert r0[f"{mode}_optimizer_steps"] == [2, 2], mode  # a fresh optimizer each iteration
 
 
 def test_ddp_step_equals_single_process_step(ranks: list[dict]) -> None:

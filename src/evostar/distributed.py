@@ -17,15 +17,19 @@ Launch on CPU (gloo; `accelerate launch --cpu --num_processes 2` silently runs o
     torchrun --nproc_per_node 2 script.py
     ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 --num_machines 1 script.py
 
-Tested: DDP on CPU (accelerate turns an FSDP launch on CPU into plain multi-CPU DDP, so FSDP
-cannot be tried here). The loop generates, evaluates and saves with the unwrapped module, which
-holds the full weights only under DDP, ZeRO-2 and FSDP NO_SHARD: `make_accelerator` refuses
-FSDP sharding and ZeRO-3 at start (`sharded_weights_problem`) instead of failing mid-run.
+FSDP (v1 or v2, any sharding strategy) trains a copy of the module: the loop samples, evaluates
+and saves with the module it passed in, which keeps full weights on every rank; after each
+`train()` call the trainer gathers the copy's shards into it (`DistributedSFTTrainer`).
+DeepSpeed ZeRO-3 is refused at start (`sharded_weights_problem`); ZeRO-2 keeps full weights.
+
+Tested on CPU: DDP, and FSDP v1 and v2 with full sharding (accelerate turns an FSDP launch on
+CPU into plain DDP, so `scripts/ddp_smoke.py` sets the FSDP plugin on the state itself).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import math
 import os
@@ -75,28 +79,21 @@ def make_accelerator(cfg: Config | None = None) -> Accelerator:
 def sharded_weights_problem(accelerator: Accelerator) -> str | None:
     """Why the launcher's sharding would leave the loop without full weights, or None.
 
-    The loop samples, evaluates and saves with the unwrapped module. FSDP (every strategy but
-    NO_SHARD) and DeepSpeed ZeRO-3 keep only this rank's shard of each parameter there outside
-    forward/backward, so sampling would fail or read garbage hours into a run: refuse at start.
+    The loop samples, evaluates and saves with the unwrapped module. FSDP is handled (the
+    trainer gathers its shards into that module after each `train()`); DeepSpeed ZeRO-3 keeps
+    only this rank's partition there outside forward/backward and has no such gather here, so
+    sampling would fail or read garbage hours into a run: refuse it at start.
     """
     from accelerate.utils import DistributedType
 
-    kind = accelerator.distributed_type
-    hint = "launch with configs/accelerate/ddp.yaml or deepspeed_zero2.yaml (full weights per rank)"
-    if kind == DistributedType.FSDP:
-        plugin = accelerator.state.fsdp_plugin
-        strategy = getattr(plugin, "sharding_strategy", None)
-        if plugin.fsdp_version == 1 and getattr(strategy, "name", strategy) == "NO_SHARD":
-            return None
-        return (
-            f"FSDP (version {plugin.fsdp_version}, {getattr(strategy, 'name', None) or 'sharded'}) is not "
-            "supported by the loop yet: sampling, evaluation and saving need the full parameters "
-            f"(FSDP.summon_full_params), which evostar does not gather; {hint}"
-        )
-    if kind == DistributedType.DEEPSPEED and int(accelerator.state.deepspeed_plugin.zero_stage) >= 3:
+    if (
+        accelerator.distributed_type == DistributedType.DEEPSPEED
+        and int(accelerator.state.deepspeed_plugin.zero_stage) >= 3
+    ):
         return (
             "DeepSpeed ZeRO-3 is not supported by the loop yet: sampling, evaluation and saving "
-            f"need the full parameters (deepspeed.zero.GatheredParameters); {hint}"
+            "need the full parameters (deepspeed.zero.GatheredParameters); launch with "
+            "configs/accelerate/fsdp.yaml (sharded) or deepspeed_zero2.yaml (full weights per rank)"
         )
     return None
 
@@ -115,10 +112,11 @@ class DistributedSFTTrainer(SFTTrainer):
     """`SFTTrainer` whose optimizer steps are split across the ranks of an `Accelerator`.
 
     Every rank draws the same global batch (the parent's seeded sampler), takes its contiguous
-    slice, and scales its summed token loss by `world / global_targets`: DDP averages gradients
-    over ranks, so the result is the gradient of the token-mean loss of the whole batch. `model`
-    stays the unwrapped module (for generation and `save_pretrained`); `wrapped` runs the
-    forward/backward.
+    slice, and scales its summed token loss by `world / global_targets`: DDP and FSDP average
+    gradients over ranks, so the result is the gradient of the token-mean loss of the whole
+    batch. `model` stays the unwrapped module (for generation and `save_pretrained`); `wrapped`
+    runs the forward/backward. Under DDP and ZeRO-2 they share parameters. Under FSDP `wrapped`
+    is a sharded copy, and every `train()` ends by gathering its full weights into `model`.
     """
 
     def __init__(
@@ -133,6 +131,7 @@ class DistributedSFTTrainer(SFTTrainer):
         self.accelerator = accelerator
         self.wrapped: torch.nn.Module | None = None
         self._deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+        self._fsdp = accelerator.distributed_type == DistributedType.FSDP
         if self._deepspeed and cfg.micro_batch_size:
             raise ValueError(
                 "DeepSpeed steps its optimizer inside every backward: set micro_batch_size=0 "
@@ -148,9 +147,15 @@ class DistributedSFTTrainer(SFTTrainer):
             optimizer = new_adamw(self.model, self.cfg)
             self.scheduler = ProgressSchedule(optimizer, self.cfg)
             self.wrapped, self.optimizer = acc.prepare(self.model, optimizer)
+        elif self._fsdp:
+            if self.wrapped is None:
+                self.wrapped = self._fsdp_copy()
+            # A plain torch optimizer over the sharded parameters (accelerate's FSDP2 path will
+            # not prepare an optimizer alone, and there is no loss scaler to wrap it for).
+            self.optimizer = new_adamw(self.wrapped, self.cfg)
+            self.scheduler = ProgressSchedule(self.optimizer, self.cfg)
         else:
-            # DDP/FSDP: wrap the model once (FSDP wants it wrapped before the optimizer exists);
-            # iterative RFT then only swaps the optimizer.
+            # DDP: wrap the model once; iterative RFT then only swaps the optimizer.
             if self.wrapped is None:
                 self.wrapped = self._wrap_once()
             optimizer = new_adamw(self.wrapped, self.cfg)
@@ -159,7 +164,7 @@ class DistributedSFTTrainer(SFTTrainer):
         self.step = 0
 
     def _wrap_once(self) -> torch.nn.Module:
-        """The module's DDP/FSDP wrapper, created on first use and then reused.
+        """The module's DDP wrapper, created on first use and then reused.
 
         A second DDP wrapper around the same parameters would leave the first one's gradient
         hooks in place (the accelerator keeps it alive), so warm-up and the loop share one.
@@ -170,6 +175,56 @@ class DistributedSFTTrainer(SFTTrainer):
             wrapped = self.accelerator.prepare(self.model)
             self.model.__dict__["_evostar_wrapped"] = wrapped
         return wrapped
+
+    def _fsdp_copy(self) -> torch.nn.Module:
+        """The FSDP-sharded training copy of `model`, holding `model`'s current weights.
+
+        FSDP rewrites the module it wraps (FSDP1 swaps in wrapper submodules, FSDP2 turns
+        parameters into DTensor shards), after which it cannot generate on its own. One copy per
+        module serves warm-up and the loop; a later trainer loads the module's weights into it
+        (warm-up ends by restoring its best weights in the module, not in the copy).
+        """
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        acc = self.accelerator
+        wrapped = self.model.__dict__.get("_evostar_wrapped")
+        if wrapped is not None:
+            set_model_state_dict(
+                wrapped, self.model.state_dict(), options=StateDictOptions(full_state_dict=True)
+            )
+            return wrapped
+        acc.free_memory()  # an earlier module's copy (ReST-EM restarts from a fresh module)
+        train_copy = copy.deepcopy(self.model)
+        if acc.is_fsdp2:  # accelerate shards a v2 model only together with an optimizer
+            wrapped, _ = acc.prepare(train_copy, torch.optim.SGD(train_copy.parameters(), lr=0.0))
+        else:
+            wrapped = acc.prepare(train_copy)
+        self.model.__dict__["_evostar_wrapped"] = wrapped
+        return wrapped
+
+    def _full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The sharded copy's full weights on every rank (a collective: all ranks call it)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        # On GPU gather unit by unit into host memory; offloading CPU shards crashes FSDP1.
+        offload = self.accelerator.device.type != "cpu"
+        options = StateDictOptions(full_state_dict=True, cpu_offload=offload)
+        return get_model_state_dict(self.wrapped, options=options)
+
+    def train(
+        self, examples: Sequence[Example], num_steps: int, seed: int, **kwargs: Any
+    ) -> dict[str, float]:
+        if not self._fsdp:
+            return super().train(examples, num_steps, seed, **kwargs)
+        device = self.accelerator.device
+        if device.type != "cpu":
+            self.model.to("cpu")  # park the full copy: SFT needs only the shards on the GPU
+        self.wrapped.train()
+        stats = super().train(examples, num_steps, seed, **kwargs)
+        self.wrapped.eval()
+        self.model.load_state_dict(self._full_state_dict())
+        self.model.to(device)
+        return stats
 
     def _step(self, examples: Sequence[Example]) -> tuple[float, int]:
         acc = self.accelerator
@@ -203,7 +258,9 @@ class DistributedSFTTrainer(SFTTrainer):
         for i, (batch, weight) in enumerate(batches):
             batch = {k: v.to(acc.device) for k, v in batch.items()}
             labels = batch.pop("labels")
-            sync = i == len(batches) - 1
+            # Under FSDP no_sync would keep full unsharded gradients until the last micro-batch;
+            # reduce-scattering each one keeps only shards.
+            sync = i == len(batches) - 1 or self._fsdp
             with contextlib.nullcontext() if sync else acc.no_sync(self.wrapped):
                 with autocast(self.cfg, acc.device):  # forward only; backward outside it
                     logits = self.wrapped(**batch).logits
@@ -225,9 +282,34 @@ class DistributedSFTTrainer(SFTTrainer):
         loss_total = float(acc.reduce(loss_sum_local, "sum").item())
         return loss_total / max(1, total_targets), total_targets
 
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """Full weights on every rank (gathers FSDP / ZeRO-3 shards), e.g. for a vLLM update."""
-        return self.accelerator.get_state_dict(self.wrapped, unwrap=True)
+    def state_dict(self) -> dict:
+        if not self._fsdp:
+            return super().state_dict()
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_optimizer_state_dict,
+        )
+
+        # AdamW moments of the whole model keyed by parameter name, the same on every rank:
+        # resume works from this one file (a collective: every rank calls it).
+        offload = self.accelerator.device.type != "cpu"
+        options = StateDictOptions(full_state_dict=True, cpu_offload=offload)
+        state = super().state_dict()
+        state["optimizer"] = get_optimizer_state_dict(self.wrapped, self.optimizer, options=options)
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        if not self._fsdp:
+            return super().load_state_dict(state)
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_optimizer_state_dict,
+        )
+
+        options = StateDictOptions(full_state_dict=True)
+        set_optimizer_state_dict(self.wrapped, self.optimizer, state["optimizer"], options=options)
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step = int(state["step"])
 
 
 def maybe_accelerator(cfg: Config | None = None) -> Accelerator | None:
