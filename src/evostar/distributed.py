@@ -1,4 +1,4 @@
-"""Multi-process self-evolving training through accelerate (DDP; FSDP/DeepSpeed configs too).
+"""Multi-process self-evolving training through accelerate (DDP, FSDP; DeepSpeed ZeRO-2).
 
 Every data choice of the loop (which prompts, which responses are kept, which examples form an
 SFT batch) is a deterministic function of the seed, so each rank computes it itself. Only three
@@ -8,7 +8,8 @@ things cross processes:
   rank the full list, so all ranks select the same training set;
 * the number of target tokens of each SFT step: all-reduced, so the token-mean loss is taken over
   the global batch and one step equals a single-process step on the same batch;
-* gradients (DDP's all-reduce).
+* gradients (DDP's all-reduce, FSDP's reduce-scatter), and under FSDP the weight shards
+  gathered into full weights after each SFT stage.
 
 Rank 0 alone writes the run directory (`SharedRunDir`); all ranks read it on resume.
 
@@ -60,7 +61,7 @@ def make_accelerator(cfg: Config | None = None) -> Accelerator:
     `find_unused_parameters=True` because some VLMs leave parameters out of the loss (LLaVA's
     CLIP post-layernorm); DDP would otherwise fail on the first step. FSDP and DeepSpeed (and
     their mixed precision) come from the launcher's config file, not from here; `optim.autocast`
-    adds bf16 autocast to the SFT forward under any launcher.
+    adds bf16 autocast to the SFT forward under any launcher. ZeRO-3 is refused here.
     """
     from accelerate import Accelerator, DistributedDataParallelKwargs
 
@@ -194,7 +195,11 @@ class DistributedSFTTrainer(SFTTrainer):
             )
             return wrapped
         acc.free_memory()  # an earlier module's copy (ReST-EM restarts from a fresh module)
+        # Copy in host memory: a second full copy on the GPU is what FSDP is there to avoid.
+        device = next(self.model.parameters()).device
+        self.model.to("cpu")
         train_copy = copy.deepcopy(self.model)
+        self.model.to(device)
         if acc.is_fsdp2:  # accelerate shards a v2 model only together with an optimizer
             wrapped, _ = acc.prepare(train_copy, torch.optim.SGD(train_copy.parameters(), lr=0.0))
         else:
