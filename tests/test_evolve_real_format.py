@@ -252,5 +252,5 @@ def test_recipes_load_with_real_keys(recipe):
 def test_recipe_set():
     assert {p.name for p in RECIPES} >= {
         "qwen2vl_2b_mathv360k_1gpu.yaml",
-        "minicpmv_8b_fsdp_8gpu.yaml",
+        "qwen2vl_7b_mathv360k_fsdp_8gpu.yaml",
     }
