@@ -1,8 +1,14 @@
 """Load and save any Hugging Face vision-language model with its processor.
 
 Everything goes through `AutoProcessor` and `AutoModelForImageTextToText`, so a Qwen2-VL, LLaVA,
-Idefics3 ... checkpoint directory loads the same way. Custom-code models (InternVL2, Phi-3.5-V,
-MiniCPM-V) need `trust_remote_code=True`, which is passed only when the user asks for it.
+Idefics3 ... checkpoint directory loads the same way. Checkpoints that ship their own modelling
+code (config.json `auto_map`: InternVL2, Phi-3.5-V, MiniCPM-V) load only with
+`trust_remote_code=True`, passed only when the user asks for it; custom code that registers
+`AutoModelForCausalLM` but not `AutoModelForImageTextToText` (Phi-3.5-V does) loads through the
+former. The loop then needs what any family needs: a multimodal processor (a `ProcessorMixin`
+with a chat template) whose outputs the model's `forward` and `generate` take as they are.
+InternVL2 ships no processor, and MiniCPM-Llama3-V-2.5's forward takes a `data` dict: those two
+do not meet it (InternVL's native `-hf` format does, see `evostar.models.families`).
 """
 
 from __future__ import annotations
@@ -12,13 +18,39 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, ProcessorMixin
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    PretrainedConfig,
+    ProcessorMixin,
+)
 from transformers.models.internvl import InternVLConfig, InternVLProcessor
 from transformers.models.qwen2_vl import Qwen2VLConfig, Qwen2VLProcessor
 
 
 class ModelLoadError(ValueError):
     """A model directory that cannot be loaded, with the reason in words."""
+
+
+def _load_error(path: str | os.PathLike, what: str, err: Exception) -> ModelLoadError:
+    if "trust_remote_code" in str(err):
+        return ModelLoadError(
+            f"{path}: the checkpoint ships its own modelling code (auto_map in its config.json), "
+            f"which evostar runs only when allowed: set model.trust_remote_code=true (evostar eval: "
+            f"--trust-remote-code) if you trust the code in {Path(path).resolve()}"
+        )
+    return ModelLoadError(f"{path}: cannot load the {what}: {err}")
+
+
+def auto_model_class(config: PretrainedConfig, trust_remote_code: bool = False) -> type:
+    """`AutoModelForImageTextToText`, or `AutoModelForCausalLM` for custom code that registers
+    only the latter (Phi-3.5-Vision's `Phi3VForCausalLM` takes pixel values all the same)."""
+    auto_map = getattr(config, "auto_map", None) or {}
+    if trust_remote_code and "AutoModelForImageTextToText" not in auto_map and "AutoModelForCausalLM" in auto_map:
+        return AutoModelForCausalLM
+    return AutoModelForImageTextToText
 
 
 class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
@@ -78,12 +110,13 @@ def load_processor(path: str | os.PathLike, trust_remote_code: bool = False) -> 
     _check_model_dir(path)
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-        if isinstance(config, Qwen2VLConfig) and not _torchvision_available():
+        # exactly Qwen2-VL: a custom-code subclass brings its own processor (AutoProcessor below)
+        if type(config) is Qwen2VLConfig and not _torchvision_available():
             processor = ImageOnlyQwen2VLProcessor.from_pretrained(path)
         else:
             processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as err:
-        raise ModelLoadError(f"{path}: cannot load the processor: {err}") from err
+        raise _load_error(path, "processor", err) from err
     if not isinstance(processor, ProcessorMixin):
         # AutoProcessor silently falls back to a bare tokenizer when no processor matches.
         raise ModelLoadError(
@@ -103,11 +136,12 @@ def load_model(
     """Load a vision-language model for training/generation (safetensors weights only)."""
     _check_model_dir(path)
     try:
-        model = AutoModelForImageTextToText.from_pretrained(
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        model = auto_model_class(config, trust_remote_code).from_pretrained(
             path, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True, **kwargs
         )
     except (OSError, ValueError, KeyError) as err:
-        raise ModelLoadError(f"{path}: cannot load the model: {err}") from err
+        raise _load_error(path, "model", err) from err
     if getattr(model, "hf_device_map", None) is not None:
         return model  # placed by a `device_map` (e.g. a 4-bit QLoRA base): `.to` would undo it
     return model.to(device)

@@ -44,10 +44,12 @@ def _plain_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def _build_sampler(model_dir: str, dtype: torch.dtype, state: dict[str, torch.Tensor], trust_remote_code: bool):
     """A model of `model_dir`'s architecture whose tensors are `state`'s (no copy)."""
-    from transformers import AutoConfig, AutoModelForImageTextToText
+    from transformers import AutoConfig
+
+    from evostar.models.hub import auto_model_class
 
     config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
-    model = AutoModelForImageTextToText.from_config(config, trust_remote_code=trust_remote_code, dtype=dtype)
+    model = auto_model_class(config, trust_remote_code).from_config(config, trust_remote_code=trust_remote_code, dtype=dtype)
     model.load_state_dict(state, strict=True, assign=True)
     model.generation_config = model.generation_config.from_pretrained(model_dir)
     return model.eval()
