@@ -1,13 +1,14 @@
 """Two-process smoke run of the distributed self-evolving loop (CPU, gloo), for tests/test_ddp.py.
 
-    torchrun --nproc_per_node 2 scripts/ddp_smoke.py WORK [ddp | fsdp.yaml | fsdp2.yaml]
+    torchrun --nproc_per_node 2 scripts/ddp_smoke.py WORK [MODE]
 
-`ddp` (the default) is plain DDP. `fsdp.yaml` / `fsdp2.yaml` run FSDP (v1 / v2, full sharding)
-with the `fsdp_config` of that file in configs/accelerate/ (mixed precision off, so that the
-step can be compared with a single-process one). accelerate builds FSDP only for GPU-like devices
-and turns an FSDP launch on CPU into DDP, so `fsdp_accelerator` sets the plugin on the
-accelerator's state itself; everything from there on (wrapping, sharded steps, gathering) is
-accelerate's and torch's real FSDP.
+MODE `ddp` (the default) is plain DDP. `fsdp.yaml` / `fsdp2.yaml` run FSDP (v1 / v2, full
+sharding) with the `fsdp_config` of that file in configs/accelerate/ and mixed precision off, so
+that the step can be compared with a single-process one to 1e-5; `fsdp.yaml+mixed` adds the
+file's mixed precision (bf16), i.e. the file exactly as shipped. accelerate builds FSDP only for
+GPU-like devices and turns an FSDP launch on CPU into DDP, so `fsdp_accelerator` sets the plugin
+on the accelerator's state itself; everything from there on (wrapping, sharded steps, gathering)
+is accelerate's and torch's real FSDP.
 
 In one launch, on a tiny Qwen2-VL and a tiny gym:
 
@@ -61,11 +62,14 @@ from evostar.train import Example, SFTTrainer
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def fsdp_accelerator(config_name: str):
-    """An FSDP `Accelerator` on CPU, configured from configs/accelerate/<config_name>."""
+def fsdp_accelerator(mode: str):
+    """An FSDP `Accelerator` on CPU, configured from configs/accelerate/<file> for MODE `<file>`
+    (mixed precision off) or `<file>+mixed` (the file's mixed precision too)."""
     import os
 
-    from accelerate import FullyShardedDataParallelPlugin
+    config_name, _, mixed = mode.partition("+")
+
+    from accelerate import FullyShardedDataParallelPlugin, PartialState
     from accelerate.utils import DistributedType
 
     launch = yaml.safe_load((ROOT / "configs" / "accelerate" / config_name).read_text())
@@ -75,11 +79,20 @@ def fsdp_accelerator(config_name: str):
         os.environ["FSDP_" + key.removeprefix("fsdp_").upper()] = (
             str(value).lower() if isinstance(value, bool) else str(value)
         )
+    if mixed:  # as `accelerate launch` passes it on
+        os.environ["ACCELERATE_MIXED_PRECISION"] = launch["mixed_precision"]
     acc = make_accelerator(Config(device="cpu"))
     os.environ["ACCELERATE_USE_FSDP"] = "true"  # set before, it makes accelerate demand a GPU
-    acc.state.distributed_type = DistributedType.FSDP
+    # as AcceleratorState does for an FSDP launch, on both shared states (a later
+    # `AcceleratorState()` copies PartialState's values over its own)
+    acc.state.distributed_type = PartialState._shared_state["distributed_type"] = (
+        DistributedType.FSDP
+    )
     acc.state.fsdp_plugin = FullyShardedDataParallelPlugin()
-    acc.state.device = torch.device("cpu")  # FSDP1 compares it with the CPU compute device ("cpu")
+    if mixed:  # what accelerate's state does for an FSDP launch with mixed precision
+        acc.state.fsdp_plugin.set_mixed_precision(launch["mixed_precision"])
+    # FSDP1 compares the device with its CPU compute device, "cpu" (accelerate says "cpu:0")
+    acc.state.device = PartialState._shared_state["device"] = torch.device("cpu")
     return acc
 
 
@@ -130,8 +143,13 @@ def checkpoint_digest(path: Path) -> dict:
         for v in s.values()
         if torch.is_tensor(v)
     ]
+    from safetensors import safe_open
+
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        saved_dtypes = sorted({str(f.get_slice(k).get_dtype()) for k in f.keys()})
     return {
         "weights": weights_digest(model),
+        "saved_dtypes": saved_dtypes,
         "step": trainer["step"],
         "scheduler": trainer["scheduler"].get("last_epoch"),
         "moments_abs_sum": sum(moments),
@@ -202,9 +220,17 @@ def main(work: Path, mode: str = "ddp") -> None:
             )
             if v.is_floating_point()
         ]
+        # the distributed update against the reference update, as one vector over all weights
+        init = load_model(work / "model_init").state_dict()
+        sd = model.state_dict()
+        num = sum(
+            float(((sd[k] - init[k]) - (ref_sd[k] - init[k])).double().pow(2).sum()) for k in init
+        )
+        den = sum(float((ref_sd[k] - init[k]).double().pow(2).sum()) for k in init)
         out["step"] = {
             "max_abs_diff": max(diffs),
             "max_update": max(moved),
+            "update_rel_diff": (num / den) ** 0.5,
             "ddp_loss": ddp_stats["loss"],
             "ref_loss": ref_stats["loss"],
             "ddp_tokens": ddp_stats["tokens"],
