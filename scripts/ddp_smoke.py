@@ -8,7 +8,9 @@ that the step can be compared with a single-process one to 1e-5; `fsdp.yaml+mixe
 file's mixed precision (bf16), i.e. the file exactly as shipped. accelerate builds FSDP only for
 GPU-like devices and turns an FSDP launch on CPU into DDP, so `fsdp_accelerator` sets the plugin
 on the accelerator's state itself; everything from there on (wrapping, sharded steps, gathering)
-is accelerate's and torch's real FSDP.
+is accelerate's and torch's real FSDP. `deepspeed_zero2.yaml` / `deepspeed_zero3.yaml` (and
+`+mixed`) run DeepSpeed on its CPU accelerator over gloo, configured from the file's
+deepspeed_config as `accelerate launch` would; no state is patched there.
 
 In one launch, on a tiny Qwen2-VL and a tiny gym:
 
@@ -55,7 +57,7 @@ from evostar.distributed import (
     weights_digest,
 )
 from evostar.evolve import evolve
-from evostar.models.hub import load_model, load_processor, save_model_and_processor
+from evostar.models.hub import full_weights, load_model, load_processor, save_model_and_processor
 from evostar.models.inputs import VLMInputs
 from evostar.train import Example, SFTTrainer
 
@@ -96,6 +98,45 @@ def fsdp_accelerator(mode: str):
     return acc
 
 
+# `accelerate launch` passes a DeepSpeed file's deepspeed_config on as these variables
+_DEEPSPEED_ENV = {
+    "zero_stage": "ACCELERATE_DEEPSPEED_ZERO_STAGE",
+    "gradient_accumulation_steps": "ACCELERATE_GRADIENT_ACCUMULATION_STEPS",
+    "gradient_clipping": "ACCELERATE_GRADIENT_CLIPPING",
+    "offload_optimizer_device": "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE",
+    "offload_param_device": "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE",
+    "zero3_init_flag": "ACCELERATE_DEEPSPEED_ZERO3_INIT",
+    "zero3_save_16bit_model": "ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL",
+}
+
+
+def deepspeed_accelerator(mode: str):
+    """A DeepSpeed `Accelerator` on CPU (DeepSpeed's CPU accelerator, gloo), configured from
+    configs/accelerate/<file> as `accelerate launch` would; `+mixed` adds its mixed precision."""
+    import os
+
+    config_name, _, mixed = mode.partition("+")
+    launch = yaml.safe_load((ROOT / "configs" / "accelerate" / config_name).read_text())
+    assert launch["distributed_type"] == "DEEPSPEED", config_name
+    for key, value in launch["deepspeed_config"].items():
+        os.environ[_DEEPSPEED_ENV[key]] = (
+            str(value).lower() if isinstance(value, bool) else str(value)
+        )
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+    os.environ["ACCELERATE_MIXED_PRECISION"] = launch["mixed_precision"] if mixed else "no"
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    return make_accelerator(Config(device="cpu"))
+
+
+def local_numel(param: torch.Tensor) -> int:
+    """Elements of `param` this rank holds: an FSDP2 DTensor's shard, a ZeRO-3 partition."""
+    if hasattr(param, "ds_tensor"):
+        return param.ds_tensor.numel()
+    if hasattr(param, "to_local"):
+        return param.to_local().numel()
+    return param.numel()
+
+
 class Killed(RuntimeError):
     """Stands for a kill right after a stage is marked finished."""
 
@@ -111,7 +152,7 @@ class KilledAfter(SharedRunDir):
             raise Killed(stage)
 
 
-def loop_config(work: Path, out: Path) -> Config:
+def loop_config(work: Path, out: Path, micro: int = 2) -> Config:
     return Config(
         output_dir=str(out),
         seed=0,
@@ -126,7 +167,7 @@ def loop_config(work: Path, out: Path) -> Config:
             iterations=2,
             interval=1.0,
             steps_per_iteration=2,
-            optim=OptimConfig(lr=1e-3, batch_size=6, micro_batch_size=2, schedule="cosine"),
+            optim=OptimConfig(lr=1e-3, batch_size=6, micro_batch_size=micro, schedule="cosine"),
         ),
         eval=EvalConfig(pass_k=0),
     )
@@ -137,9 +178,10 @@ def checkpoint_digest(path: Path) -> dict:
     model = load_model(path)
     trainer = torch.load(path / "trainer.pt", weights_only=False)
     opt = trainer["optimizer"]
+    states = opt["deepspeed_adamw"] if "deepspeed_adamw" in opt else opt["state"]  # by name / id
     moments = [
         float(v.double().abs().sum())
-        for s in opt["state"].values()
+        for s in states.values()
         for v in s.values()
         if torch.is_tensor(v)
     ]
@@ -159,7 +201,14 @@ def checkpoint_digest(path: Path) -> dict:
 
 def main(work: Path, mode: str = "ddp") -> None:
     torch.set_num_threads(1)
-    acc = make_accelerator(Config(device="cpu")) if mode == "ddp" else fsdp_accelerator(mode)
+    if mode == "ddp":
+        acc = make_accelerator(Config(device="cpu"))
+    elif mode.startswith("deepspeed"):
+        acc = deepspeed_accelerator(mode)
+    else:
+        acc = fsdp_accelerator(mode)
+    # DeepSpeed steps inside backward: one forward/backward per step (micro-batch 0)
+    micro = 0 if mode.startswith("deepspeed") else 2
     rank, world = acc.process_index, acc.num_processes
     assert world == 2, (
         f"expected 2 processes, got {world} (launch with torchrun --nproc_per_node 2)"
@@ -170,7 +219,7 @@ def main(work: Path, mode: str = "ddp") -> None:
         "seconds": {},
         "distributed_type": str(acc.distributed_type),
     }
-    if mode != "ddp":
+    if mode.startswith("fsdp"):
         out["fsdp_version"] = acc.state.fsdp_plugin.fsdp_version
     t0 = time.perf_counter()
 
@@ -181,7 +230,8 @@ def main(work: Path, mode: str = "ddp") -> None:
         from evostar.models.tiny import build_tiny_qwen2_vl
 
         build_gym(data, seed=0, n_seed=8, n_train=16, n_val=8, n_test_id=4, n_test_ood=4)
-        build_tiny_qwen2_vl(gym_texts(data), work / "model_init", seed=0)
+        with full_weights():  # rank 0 alone: no ZeRO-3 partitioning (a collective)
+            build_tiny_qwen2_vl(gym_texts(data), work / "model_init", seed=0)
     acc.wait_for_everyone()
     processor = load_processor(work / "model_init")
     io = VLMInputs(processor)
@@ -192,7 +242,7 @@ def main(work: Path, mode: str = "ddp") -> None:
     # 1. One DDP step vs one single-process step on the same global batch.
     t0 = time.perf_counter()
     optim = OptimConfig(
-        lr=1e-3, batch_size=5, micro_batch_size=2, schedule="constant", max_grad_norm=1.0
+        lr=1e-3, batch_size=5, micro_batch_size=micro, schedule="constant", max_grad_norm=1.0
     )
     examples = [Example(s, s.target) for s in train[:8]]
     model = load_model(work / "model_init")
@@ -200,8 +250,7 @@ def main(work: Path, mode: str = "ddp") -> None:
     ddp_stats = ddp.train(examples, 1, seed=123, progress=False)
     out["step_digest"] = assert_in_sync(acc, model)
     # how much of the model this rank's training module holds (FSDP: about 1/world)
-    local = [p.to_local() if hasattr(p, "to_local") else p for p in ddp.wrapped.parameters()]
-    out["local_numel"] = sum(p.numel() for p in local)
+    out["local_numel"] = sum(local_numel(p) for p in ddp.wrapped.parameters())
     out["full_numel"] = sum(p.numel() for p in model.parameters())
     if acc.is_main_process:
         ref_model = load_model(work / "model_init")
@@ -253,7 +302,7 @@ def main(work: Path, mode: str = "ddp") -> None:
 
     # 3. Run A: two iterations, uninterrupted.
     t0 = time.perf_counter()
-    cfg = loop_config(work, work / "run_a")
+    cfg = loop_config(work, work / "run_a", micro)
     model = load_model(cfg.model.path)
     model, state_a = evolve(
         cfg,
@@ -271,7 +320,7 @@ def main(work: Path, mode: str = "ddp") -> None:
 
     # 4. Run B: killed after iteration 1, then resumed with a freshly loaded model.
     t0 = time.perf_counter()
-    cfg = loop_config(work, work / "run_b")
+    cfg = loop_config(work, work / "run_b", micro)
     model = load_model(cfg.model.path)
     try:
         evolve(
@@ -306,25 +355,25 @@ def main(work: Path, mode: str = "ddp") -> None:
     moved = max(float((v - before[k]).abs().max()) for k, v in model.state_dict().items())
     model.load_state_dict(before)
     second = DistributedSFTTrainer(model, io, teach, accelerator=acc)
-    trained_on = second._full_state_dict() if second._fsdp else second.wrapped.state_dict()
+    trained_on = second._full_state_dict() if second._copy else second.wrapped.state_dict()
     trained_on = {k.removeprefix("module."): v for k, v in trained_on.items()}
     out["reuse"] = {
         "moved": moved,
-        "max_abs_diff": max(float((trained_on[k] - v).abs().max()) for k, v in before.items()),
+        "max_abs_diff": max(float((v - before[k]).abs().max()) for k, v in trained_on.items()),
     }
     # 6. The other loop modes: iterative RFT (fresh optimizer each iteration) and ReST-EM
     # (a fresh module each iteration, so a fresh training copy under FSDP).
-    for mode in ("iterative_rft", "rest_em"):
-        cfg = loop_config(work, work / f"run_{mode}")
-        cfg.evolve.mode = mode
+    for loop_mode in ("iterative_rft", "rest_em"):
+        cfg = loop_config(work, work / f"run_{loop_mode}", micro)
+        cfg.evolve.mode = loop_mode
         model = load_model(cfg.model.path)
         model, state = evolve(
             cfg, SharedRunDir(cfg.output_dir, acc), model, processor, io, train, val,
             cfg.model.path, accelerator=acc,
         )  # fmt: skip
-        out[f"{mode}_digest"] = assert_in_sync(acc, model)
-        out[f"{mode}_kept"] = [r["kept"] for r in state.history]
-        out[f"{mode}_optimizer_steps"] = [r["optimizer_step"] for r in state.history]
+        out[f"{loop_mode}_digest"] = assert_in_sync(acc, model)
+        out[f"{loop_mode}_kept"] = [r["kept"] for r in state.history]
+        out[f"{loop_mode}_optimizer_steps"] = [r["optimizer_step"] for r in state.history]
     out["seconds"]["reuse_and_modes"] = time.perf_counter() - t0
 
     if acc.is_main_process:

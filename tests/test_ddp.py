@@ -1,5 +1,6 @@
 """Two processes on CPU (gloo): the distributed loop is consistent, resumable and exact, under
-DDP and under FSDP v1 and v2 with full sharding (the shipped configs/accelerate/fsdp*.yaml).
+DDP, FSDP v1 and v2 with full sharding, and DeepSpeed ZeRO-2 and ZeRO-3 (DeepSpeed's CPU
+accelerator), each configured from the shipped file in configs/accelerate/.
 
 One `torchrun --standalone --nproc_per_node 2 scripts/ddp_smoke.py WORK MODE` launch per mode
 (see that script) runs a distributed step next to a single-process one, and the self-evolving
@@ -25,7 +26,14 @@ SCRIPT = ROOT / "scripts" / "ddp_smoke.py"
 
 
 # fsdp.yaml+mixed: the shipped file as it is, bf16 mixed precision included
-MODES = ["ddp", "fsdp.yaml", "fsdp2.yaml", "fsdp.yaml+mixed"]
+MODES = [
+    "ddp",
+    "fsdp.yaml",
+    "fsdp2.yaml",
+    "fsdp.yaml+mixed",
+    "deepspeed_zero2.yaml",
+    "deepspeed_zero3.yaml",
+]
 
 
 @pytest.fixture(scope="module", params=MODES)
@@ -77,14 +85,17 @@ def test_ranks_hold_identical_weights(ranks: list[dict]) -> None:
         assert ranks[0][phase] == ranks[1][phase], phase
 
 
-def test_fsdp_shards_the_training_module(ranks: list[dict]) -> None:
-    r0 = ranks[0]
-    if r0["mode"] == "ddp":
-        assert r0["distributed_type"] == "DistributedType.MULTI_CPU"
+def test_sharded_launches_split_the_weights(ranks: list[dict]) -> None:
+    r0, mode = ranks[0], ranks[0]["mode"]
+    kind = {"ddp": "MULTI_CPU", "fsdp": "FSDP", "deepspeed": "DEEPSPEED"}
+    assert r0["distributed_type"] == "DistributedType." + next(
+        v for k, v in kind.items() if mode.startswith(k)
+    )
+    if mode.startswith("fsdp"):
+        assert r0["fsdp_version"] == (2 if mode.startswith("fsdp2") else 1)
+    if mode == "ddp" or mode.startswith("deepspeed_zero2"):  # full weights on every rank
         assert all(r["local_numel"] == r["full_numel"] for r in ranks)
         return
-    assert r0["distributed_type"] == "DistributedType.FSDP"
-    assert r0["fsdp_version"] == (2 if r0["mode"].startswith("fsdp2") else 1)
     for r in ranks:  # each rank trains about half of the weights (FSDP1 pads its flat shards)
         assert r["local_numel"] <= 0.51 * r["full_numel"], r
     assert sum(r["local_numel"] for r in ranks) >= r0["full_numel"]
@@ -113,7 +124,7 @@ def test_distributed_step_equals_single_process_step(ranks: list[dict]) -> None:
         assert step["update_rel_diff"] < 0.25
         assert math.isclose(step["ddp_loss"], step["ref_loss"], rel_tol=1e-3)
         return
-    assert step["max_abs_diff"] < 1e-5
+    assert step["max_abs_diff"] < 2e-5  # ZeRO-3 measured 1.04e-5, the others 5e-6 to 6e-6
     assert step["update_rel_diff"] < 1e-4
     assert math.isclose(step["ddp_loss"], step["ref_loss"], rel_tol=1e-5)
 

@@ -1,4 +1,4 @@
-"""Multi-process self-evolving training through accelerate (DDP, FSDP; DeepSpeed ZeRO-2).
+"""Multi-process self-evolving training through accelerate (DDP, FSDP, DeepSpeed ZeRO).
 
 Every data choice of the loop (which prompts, which responses are kept, which examples form an
 SFT batch) is a deterministic function of the seed, so each rank computes it itself. Only three
@@ -18,13 +18,14 @@ Launch on CPU (gloo; `accelerate launch --cpu --num_processes 2` silently runs o
     torchrun --nproc_per_node 2 script.py
     ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 --num_machines 1 script.py
 
-FSDP (v1 or v2, any sharding strategy) trains a copy of the module: the loop samples, evaluates
-and saves with the module it passed in, which keeps full weights on every rank; after each
-`train()` call the trainer gathers the copy's shards into it (`DistributedSFTTrainer`).
-DeepSpeed ZeRO-3 is refused at start (`sharded_weights_problem`); ZeRO-2 keeps full weights.
+FSDP (v1 or v2, any sharding strategy) and DeepSpeed (any ZeRO stage) train a copy of the
+module: the loop samples, evaluates and saves with the module it passed in, which keeps full
+fp32 weights on every rank; after each `train()` call the trainer gathers the copy's shards (or
+DeepSpeed's fp32 master weights) into it (`DistributedSFTTrainer`).
 
-Tested on CPU: DDP, and FSDP v1 and v2 with full sharding (accelerate turns an FSDP launch on
-CPU into plain DDP, so `scripts/ddp_smoke.py` sets the FSDP plugin on the state itself).
+Tested on CPU with 2 processes: DDP, FSDP v1 and v2 with full sharding, DeepSpeed ZeRO-2 and
+ZeRO-3 (scripts/ddp_smoke.py; accelerate turns an FSDP launch on CPU into plain DDP, so the
+script sets the FSDP plugin on the state itself; DeepSpeed runs on its own CPU accelerator).
 """
 
 from __future__ import annotations
@@ -61,42 +62,19 @@ def make_accelerator(cfg: Config | None = None) -> Accelerator:
     `find_unused_parameters=True` because some VLMs leave parameters out of the loss (LLaVA's
     CLIP post-layernorm); DDP would otherwise fail on the first step. FSDP and DeepSpeed (and
     their mixed precision) come from the launcher's config file, not from here; `optim.autocast`
-    adds bf16 autocast to the SFT forward under any launcher. ZeRO-3 is refused here.
+    adds bf16 autocast to the SFT forward under any launcher.
     """
-    from accelerate import Accelerator, DistributedDataParallelKwargs
+    from accelerate import Accelerator, DistributedDataParallelKwargs, InitProcessGroupKwargs
 
     device = cfg.device if cfg is not None else "auto"
+    handlers: list[Any] = [DistributedDataParallelKwargs(find_unused_parameters=True)]
     cpu = device == "cpu" or not torch.cuda.is_available()
-    ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
-    accelerator = Accelerator(cpu=cpu, kwargs_handlers=[ddp])
-    problem = sharded_weights_problem(accelerator)
-    if problem:
-        from evostar.config import ConfigError
-
-        raise ConfigError(problem)
-    return accelerator
-
-
-def sharded_weights_problem(accelerator: Accelerator) -> str | None:
-    """Why the launcher's sharding would leave the loop without full weights, or None.
-
-    The loop samples, evaluates and saves with the unwrapped module. FSDP is handled (the
-    trainer gathers its shards into that module after each `train()`); DeepSpeed ZeRO-3 keeps
-    only this rank's partition there outside forward/backward and has no such gather here, so
-    sampling would fail or read garbage hours into a run: refuse it at start.
-    """
-    from accelerate.utils import DistributedType
-
-    if (
-        accelerator.distributed_type == DistributedType.DEEPSPEED
-        and int(accelerator.state.deepspeed_plugin.zero_stage) >= 3
-    ):
-        return (
-            "DeepSpeed ZeRO-3 is not supported by the loop yet: sampling, evaluation and saving "
-            "need the full parameters (deepspeed.zero.GatheredParameters); launch with "
-            "configs/accelerate/fsdp.yaml (sharded) or deepspeed_zero2.yaml (full weights per rank)"
-        )
-    return None
+    if cpu and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        # accelerate drops DeepSpeed when told cpu=True; DeepSpeed's own CPU accelerator runs
+        # over gloo, which accelerate only picks for CPU when asked
+        cpu = False
+        handlers.append(InitProcessGroupKwargs(backend="gloo"))
+    return Accelerator(cpu=cpu, kwargs_handlers=handlers)
 
 
 def shard_bounds(n: int, world: int, rank: int) -> tuple[int, int]:
@@ -116,8 +94,10 @@ class DistributedSFTTrainer(SFTTrainer):
     slice, and scales its summed token loss by `world / global_targets`: DDP and FSDP average
     gradients over ranks, so the result is the gradient of the token-mean loss of the whole
     batch. `model` stays the unwrapped module (for generation and `save_pretrained`); `wrapped`
-    runs the forward/backward. Under DDP and ZeRO-2 they share parameters. Under FSDP `wrapped`
-    is a sharded copy, and every `train()` ends by gathering its full weights into `model`.
+    runs the forward/backward. Under DDP they share parameters. Under FSDP and DeepSpeed
+    `wrapped` trains a copy (sharded, or cast to bf16 by DeepSpeed), and every `train()` ends by
+    gathering its full fp32 weights into `model`, which therefore always holds the master
+    weights: checkpoints saved from it resume exactly.
     """
 
     def __init__(
@@ -133,6 +113,7 @@ class DistributedSFTTrainer(SFTTrainer):
         self.wrapped: torch.nn.Module | None = None
         self._deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
         self._fsdp = accelerator.distributed_type == DistributedType.FSDP
+        self._copy = self._fsdp or self._deepspeed  # `wrapped` trains a copy of `model`
         if self._deepspeed and cfg.micro_batch_size:
             raise ValueError(
                 "DeepSpeed steps its optimizer inside every backward: set micro_batch_size=0 "
@@ -143,11 +124,9 @@ class DistributedSFTTrainer(SFTTrainer):
     def reset_optimizer(self) -> None:
         acc = self.accelerator
         if self._deepspeed:
-            # model and optimizer form one engine: a fresh optimizer means a fresh engine
-            acc.free_memory()
-            optimizer = new_adamw(self.model, self.cfg)
-            self.scheduler = ProgressSchedule(optimizer, self.cfg)
-            self.wrapped, self.optimizer = acc.prepare(self.model, optimizer)
+            # model and optimizer form one engine: a fresh optimizer means a fresh engine, on
+            # a fresh copy of the model's current weights
+            self.wrapped, self.optimizer, self.scheduler = self._deepspeed_engine()
         elif self._fsdp:
             if self.wrapped is None:
                 self.wrapped = self._fsdp_copy()
@@ -195,11 +174,7 @@ class DistributedSFTTrainer(SFTTrainer):
             )
             return wrapped
         acc.free_memory()  # an earlier module's copy (ReST-EM restarts from a fresh module)
-        # Copy in host memory: a second full copy on the GPU is what FSDP is there to avoid.
-        device = next(self.model.parameters()).device
-        self.model.to("cpu")
-        train_copy = copy.deepcopy(self.model)
-        self.model.to(device)
+        train_copy = self._host_copy()
         if acc.is_fsdp2:  # accelerate shards a v2 model only together with an optimizer
             wrapped, _ = acc.prepare(train_copy, torch.optim.SGD(train_copy.parameters(), lr=0.0))
         else:
@@ -207,8 +182,76 @@ class DistributedSFTTrainer(SFTTrainer):
         self.model.__dict__["_evostar_wrapped"] = wrapped
         return wrapped
 
+    def _host_copy(self) -> torch.nn.Module:
+        """A copy of `model` made in host memory: a second full copy on the GPU is what the
+        sharding is there to avoid."""
+        device = next(self.model.parameters()).device
+        self.model.to("cpu")
+        train_copy = copy.deepcopy(self.model)
+        self.model.to(device)
+        return train_copy
+
+    def _deepspeed_engine(self) -> tuple[torch.nn.Module, Any, ProgressSchedule]:
+        """A DeepSpeed engine training a copy of `model`, its fp32 master weights set to
+        `model`'s (DeepSpeed's bf16 mode would otherwise start them from bf16-rounded ones)."""
+        from deepspeed.utils import safe_set_full_fp32_param
+
+        acc = self.accelerator
+        acc.free_memory()  # the previous engine
+        ds_config = acc.state.deepspeed_plugin.deepspeed_config
+        # One forward/backward per optimizer step on each rank's share of the global batch.
+        # Without a dataloader accelerate cannot fill these in ("auto"); DeepSpeed uses them
+        # for its own bookkeeping only, since the trainer draws the batches itself.
+        micro = math.ceil(self.cfg.batch_size / acc.num_processes)
+        for key, value in (
+            ("train_micro_batch_size_per_gpu", micro),
+            ("train_batch_size", micro * acc.num_processes),
+        ):
+            if ds_config.get(key, "auto") == "auto":
+                ds_config[key] = value
+        train_copy = self._host_copy()
+        optimizer = new_adamw(train_copy, self.cfg)
+        schedule = ProgressSchedule(optimizer, self.cfg)  # DeepSpeed steps this optimizer's groups
+        engine, wrapped_optimizer = acc.prepare(train_copy, optimizer)
+        full = dict(self.model.named_parameters())
+        for name, param in engine.module.named_parameters():
+            if param.requires_grad:
+                safe_set_full_fp32_param(param, full[name].detach().float().to(acc.device))
+        return engine, wrapped_optimizer, schedule
+
+    def _deepspeed_adam_states(self) -> list[dict]:
+        """The per-partition AdamW states inside DeepSpeed's ZeRO optimizer."""
+        inner = self.wrapped.optimizer  # DeepSpeed's ZeRO optimizer around the torch AdamW
+        return list(inner.optimizer.state.values())
+
+    def _materialize_adam_states(self) -> None:
+        """Create the AdamW states of DeepSpeed's fp32 partitions (torch creates them lazily at
+        the first step), so that a resumed engine can take the saved moments before any step."""
+        zero = self.wrapped.optimizer
+        adam = zero.optimizer
+        # the flat fp32 partitions the states are keyed by (ZeRO-3 / ZeRO-1 and 2)
+        flats = getattr(zero, "fp32_partitioned_groups_flat", None) or zero.single_partition_of_fp32_groups
+        for flat in flats:
+            if "exp_avg" not in adam.state[flat]:
+                adam.state[flat] = {
+                    "step": torch.zeros((), dtype=torch.float32, device=flat.device),
+                    "exp_avg": torch.zeros_like(flat),
+                    "exp_avg_sq": torch.zeros_like(flat),
+                }
+        # ZeRO-1/2 map each parameter to its slice of the states after the first step; do it now
+        if hasattr(zero, "_lazy_init_hp_params_optimizer_state"):
+            zero._lazy_init_hp_params_optimizer_state()
+
     def _full_state_dict(self) -> dict[str, torch.Tensor]:
-        """The sharded copy's full weights on every rank (a collective: all ranks call it)."""
+        """The copy's full fp32 weights on every rank (a collective: all ranks call it)."""
+        if self._deepspeed:
+            from deepspeed.utils import safe_get_full_fp32_param
+
+            out = {}
+            for name, param in self.wrapped.module.named_parameters():
+                if param.requires_grad:
+                    out[name] = safe_get_full_fp32_param(param).to("cpu")
+            return out
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         # On GPU gather unit by unit into host memory; offloading CPU shards crashes FSDP1.
@@ -219,15 +262,22 @@ class DistributedSFTTrainer(SFTTrainer):
     def train(
         self, examples: Sequence[Example], num_steps: int, seed: int, **kwargs: Any
     ) -> dict[str, float]:
-        if not self._fsdp:
+        if not self._copy:
             return super().train(examples, num_steps, seed, **kwargs)
         device = self.accelerator.device
         if device.type != "cpu":
-            self.model.to("cpu")  # park the full copy: SFT needs only the shards on the GPU
+            self.model.to("cpu")  # park the full model: SFT needs only the training copy
         self.wrapped.train()
         stats = super().train(examples, num_steps, seed, **kwargs)
         self.wrapped.eval()
-        self.model.load_state_dict(self._full_state_dict())
+        full = self._full_state_dict()
+        if self._fsdp:  # the whole state dict (tied names and buffers included)
+            self.model.load_state_dict(full)
+        else:  # DeepSpeed: the trained parameters
+            with torch.no_grad():
+                params = dict(self.model.named_parameters())
+                for name, value in full.items():
+                    params[name].copy_(value)
         self.model.to(device)
         return stats
 
@@ -288,31 +338,59 @@ class DistributedSFTTrainer(SFTTrainer):
         return loss_total / max(1, total_targets), total_targets
 
     def state_dict(self) -> dict:
-        if not self._fsdp:
+        """Under FSDP and DeepSpeed: the AdamW moments of the whole model keyed by parameter
+        name, the same on every rank, so resume works from this one file (a collective: every
+        rank calls it)."""
+        if not self._copy:
             return super().state_dict()
+        state = {"scheduler": self.scheduler.state_dict(), "step": self.step}
+        if self._deepspeed:
+            from deepspeed.utils import safe_get_full_optimizer_state
+
+            moments = {}
+            for name, param in self.wrapped.module.named_parameters():
+                if param.requires_grad:
+                    moments[name] = {
+                        key: safe_get_full_optimizer_state(param, key).to("cpu")
+                        for key in ("exp_avg", "exp_avg_sq")
+                    }
+            steps = {float(s["step"]) for s in self._deepspeed_adam_states() if "step" in s}
+            state["optimizer"] = {"deepspeed_adamw": moments, "adam_step": max(steps, default=0.0)}
+            return state
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
             get_optimizer_state_dict,
         )
 
-        # AdamW moments of the whole model keyed by parameter name, the same on every rank:
-        # resume works from this one file (a collective: every rank calls it).
         offload = self.accelerator.device.type != "cpu"
         options = StateDictOptions(full_state_dict=True, cpu_offload=offload)
-        state = super().state_dict()
         state["optimizer"] = get_optimizer_state_dict(self.wrapped, self.optimizer, options=options)
         return state
 
     def load_state_dict(self, state: dict) -> None:
-        if not self._fsdp:
+        if not self._copy:
             return super().load_state_dict(state)
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            set_optimizer_state_dict,
-        )
+        if self._deepspeed:
+            from deepspeed.utils import safe_set_full_optimizer_state
 
-        options = StateDictOptions(full_state_dict=True)
-        set_optimizer_state_dict(self.wrapped, self.optimizer, state["optimizer"], options=options)
+            saved = state["optimizer"]
+            self._materialize_adam_states()
+            for name, param in self.wrapped.module.named_parameters():
+                if param.requires_grad:
+                    for key, value in saved["deepspeed_adamw"][name].items():
+                        safe_set_full_optimizer_state(param, value.to(self.accelerator.device), key)
+            for adam in self._deepspeed_adam_states():
+                adam["step"] = torch.full_like(adam["step"], saved["adam_step"])
+        else:
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                set_optimizer_state_dict,
+            )
+
+            options = StateDictOptions(full_state_dict=True)
+            set_optimizer_state_dict(
+                self.wrapped, self.optimizer, state["optimizer"], options=options
+            )
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = int(state["step"])
 

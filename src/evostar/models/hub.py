@@ -13,7 +13,9 @@ do not meet it (InternVL's native `-hf` format does, see `evostar.models.familie
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +107,28 @@ def register_image_only_processors() -> None:
     _REGISTERED = True
 
 
+@contextlib.contextmanager
+def full_weights() -> Iterator[None]:
+    """Build models with whole weights even under DeepSpeed ZeRO-3.
+
+    accelerate registers its DeepSpeed config with transformers, which then builds every model
+    inside `deepspeed.zero.Init`, each rank keeping only a partition (a collective, too). The
+    loop samples, evaluates and saves with whole weights, and its trainer partitions a copy.
+    """
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    ref = getattr(hf_deepspeed, "_hf_deepspeed_config_weak_ref", None)
+    config = ref() if ref is not None else None
+    if config is None:
+        yield
+        return
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed.set_hf_deepspeed_config(config)
+
+
 def load_processor(path: str | os.PathLike, trust_remote_code: bool = False) -> ProcessorMixin:
     register_image_only_processors()
     _check_model_dir(path)
@@ -137,9 +161,10 @@ def load_model(
     _check_model_dir(path)
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-        model = auto_model_class(config, trust_remote_code).from_pretrained(
-            path, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True, **kwargs
-        )
+        with full_weights():
+            model = auto_model_class(config, trust_remote_code).from_pretrained(
+                path, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True, **kwargs
+            )
     except (OSError, ValueError, KeyError) as err:
         raise _load_error(path, "model", err) from err
     if getattr(model, "hf_device_map", None) is not None:
