@@ -145,3 +145,50 @@ def test_resume_matches_uninterrupted_run(ranks: list[dict]) -> None:
     assert r0["a_checkpoint"] == r0["b_checkpoint"]  # saved weights, optimizer moments, schedule
     assert r0["a_samples"] == r0["b_samples"]  # iteration 2 drew the same responses
     assert json.dumps(r0["a_records"]) == json.dumps(r0["b_records"])
+
+
+def test_accelerate_launch_with_the_shipped_zero3_file(tmp_path: Path) -> None:
+    """`accelerate launch --config_file configs/accelerate/deepspeed_zero3.yaml` (its bf16
+    included) runs the whole CLI pipeline: base evaluation, warm-up, loop, final evaluation."""
+    import yaml
+
+    from evostar.data.gym import build_gym
+    from evostar.demo import gym_texts
+    from evostar.models.tiny import TinyModelSpec, build_tiny_qwen2_vl
+
+    data = tmp_path / "data"
+    build_gym(data, seed=0, n_seed=16, n_train=8, n_val=4, n_test_id=4, n_test_ood=4)
+    build_tiny_qwen2_vl(gym_texts(data), tmp_path / "model", TinyModelSpec(num_layers=1), seed=0)
+    optim = {"lr": 3e-3, "batch_size": 8, "schedule": "constant", "micro_batch_size": 0}
+    cfg = {
+        "output_dir": str(tmp_path / "run"),
+        "progress": False,
+        "threads": 1,
+        "model": {"path": str(tmp_path / "model")},
+        "data": {
+            "train": str(data / "train.json"),
+            "val": str(data / "val.json"),
+            "test": {"test_id": str(data / "test_id.json")},
+            "seed_cot": str(data / "seed.json"),
+        },
+        "gen": {"k": 2, "max_new_tokens": 12, "batch_size": 64, "eval_batch_size": 64},
+        "warmup": {"steps": 4, "eval_every": 2, "optim": optim},
+        "evolve": {"iterations": 2, "interval": 0.5, "steps_per_iteration": 2, "optim": optim},
+        "eval": {"pass_k": 0},
+    }
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu"}
+    launcher = ROOT / "configs" / "accelerate" / "deepspeed_zero3.yaml"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(launcher),
+           "--num_processes", "2", "-m", "evostar.cli", "evolve", "--config", str(tmp_path / "cfg.yaml")]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert [it["prompts"] for it in summary["iterations"]] == [4, 4]
+    assert set(summary["accuracy"]) == {"base", "warmup", "final"}
+    from safetensors import safe_open
+
+    with safe_open(
+        str(tmp_path / "run" / "checkpoints" / "final" / "model.safetensors"), "pt"
+    ) as f:
+        assert {str(f.get_slice(k).get_dtype()) for k in f.keys()} == {"F32"}  # fp32 master weights

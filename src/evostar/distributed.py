@@ -347,6 +347,7 @@ class DistributedSFTTrainer(SFTTrainer):
         if self._deepspeed:
             from deepspeed.utils import safe_get_full_optimizer_state
 
+            self._materialize_adam_states()  # no step yet (nothing kept to train on): zeros
             moments = {}
             for name, param in self.wrapped.module.named_parameters():
                 if param.requires_grad:
