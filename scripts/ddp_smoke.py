@@ -25,6 +25,7 @@ In one launch, on a tiny Qwen2-VL and a tiny gym:
 5. reuse: a second trainer on a module whose weights were reset after the first one trained
    must train from the reset weights (warm-up -> loop under FSDP).
 6. iterative RFT and ReST-EM, two iterations each.
+7. LoRA: three steps on a LoRA model against the same steps in one process.
 
 Each rank writes WORK/result_rank{R}.json: weight digests after each phase (the test compares
 ranks) and, on rank 0, the step difference and both runs' metrics and checkpoint digests.
@@ -59,6 +60,7 @@ from evostar.distributed import (
 from evostar.evolve import evolve
 from evostar.models.hub import full_weights, load_model, load_processor, save_model_and_processor
 from evostar.models.inputs import VLMInputs
+from evostar.models.lora import prepare_for_training
 from evostar.train import Example, SFTTrainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -375,6 +377,28 @@ def main(work: Path, mode: str = "ddp") -> None:
         out[f"{loop_mode}_kept"] = [r["kept"] for r in state.history]
         out[f"{loop_mode}_optimizer_steps"] = [r["optimizer_step"] for r in state.history]
     out["seconds"]["reuse_and_modes"] = time.perf_counter() - t0
+
+    # 7. LoRA: only the adapters train, as in a single process on the same batches.
+    t0 = time.perf_counter()
+    lora_cfg = ModelConfig(path=str(work / "model_init"), lora_r=8)
+    lora_optim = OptimConfig(lr=1e-3, batch_size=8, micro_batch_size=micro, max_grad_norm=1.0)
+    lora_examples = [Example(s, s.target) for s in train]
+    model = prepare_for_training(load_model(work / "model_init"), lora_cfg)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    lora_stats = DistributedSFTTrainer(model, io, lora_optim, accelerator=acc).train(
+        lora_examples, 3, seed=0, progress=False
+    )
+    after = model.state_dict()
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    out["lora"] = {"changed": len(changed), "only_adapters": all("lora_" in k for k in changed)}
+    out["lora_digest"] = assert_in_sync(acc, model)
+    if acc.is_main_process:
+        ref = prepare_for_training(load_model(work / "model_init"), lora_cfg)
+        ref_stats = SFTTrainer(ref, io, lora_optim).train(lora_examples, 3, seed=0, progress=False)
+        ref_sd = ref.state_dict()
+        out["lora"]["max_abs_diff"] = max(float((after[k] - ref_sd[k]).abs().max()) for k in ref_sd)
+        out["lora"]["losses"] = [lora_stats["loss"], ref_stats["loss"]]
+    out["seconds"]["lora"] = time.perf_counter() - t0
 
     if acc.is_main_process:
 

@@ -74,6 +74,7 @@ def test_two_processes_ran(ranks: list[dict]) -> None:
 
 def test_ranks_hold_identical_weights(ranks: list[dict]) -> None:
     phases = (
+        "lora_digest",
         "step_digest",
         "memorize_digest",
         "a_digest",
@@ -192,3 +193,12 @@ def test_accelerate_launch_with_the_shipped_zero3_file(tmp_path: Path) -> None:
         str(tmp_path / "run" / "checkpoints" / "final" / "model.safetensors"), "pt"
     ) as f:
         assert {str(f.get_slice(k).get_dtype()) for k in f.keys()} == {"F32"}  # fp32 master weights
+
+
+def test_lora_trains_only_the_adapters_as_in_one_process(ranks: list[dict]) -> None:
+    lora = ranks[0]["lora"]
+    assert lora["changed"] > 0 and lora["only_adapters"]
+    if ranks[0]["mode"].endswith("+mixed"):
+        assert math.isclose(*lora["losses"], rel_tol=1e-3)
+    else:
+        assert lora["max_abs_diff"] < 2e-5 and math.isclose(*lora["losses"], rel_tol=1e-5)

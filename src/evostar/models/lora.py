@@ -245,7 +245,13 @@ def apply_adapters(model: torch.nn.Module, cfg: Any) -> torch.nn.Module:
             use_gradient_checkpointing=bool(getattr(cfg, "gradient_checkpointing", False)),
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
-    return get_peft_model(model, lora)
+    # The same adapter init on every rank whatever random numbers ran before: FSDP and
+    # DeepSpeed shard each rank's own copy (DDP would broadcast rank 0's), and the global RNG
+    # stream of the caller is left as it was.
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(0)
+        return get_peft_model(model, lora)
 
 
 def prepare_for_training(model: torch.nn.Module, cfg: Any) -> torch.nn.Module:
