@@ -66,23 +66,32 @@ from evostar.train import Example, SFTTrainer
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def launch_file(mode: str, kind: str, env_name) -> tuple[dict, bool]:
+    """The configs/accelerate file of MODE `<file>[+mixed]` and whether `+mixed` was asked;
+    its `<kind>_config` goes into the environment as `accelerate launch` passes it on
+    (`env_name(key)` names the variable)."""
+    import os
+
+    config_name, _, mixed = mode.partition("+")
+    launch = yaml.safe_load((ROOT / "configs" / "accelerate" / config_name).read_text())
+    assert launch["distributed_type"] == kind.upper(), config_name
+    for key, value in launch[f"{kind}_config"].items():
+        os.environ[env_name(key)] = str(value).lower() if isinstance(value, bool) else str(value)
+    return launch, bool(mixed)
+
+
 def fsdp_accelerator(mode: str):
     """An FSDP `Accelerator` on CPU, configured from configs/accelerate/<file> for MODE `<file>`
     (mixed precision off) or `<file>+mixed` (the file's mixed precision too)."""
     import os
 
-    config_name, _, mixed = mode.partition("+")
-
     from accelerate import FullyShardedDataParallelPlugin, PartialState
     from accelerate.utils import DistributedType
 
-    launch = yaml.safe_load((ROOT / "configs" / "accelerate" / config_name).read_text())
-    assert launch["distributed_type"] == "FSDP", config_name
-    # what `accelerate launch` does with the file: fsdp_x: v -> FSDP_X=v, read by the plugin
-    for key, value in launch["fsdp_config"].items():
-        os.environ["FSDP_" + key.removeprefix("fsdp_").upper()] = (
-            str(value).lower() if isinstance(value, bool) else str(value)
-        )
+    # fsdp_x: v -> FSDP_X=v, read by the plugin
+    launch, mixed = launch_file(
+        mode, "fsdp", lambda key: "FSDP_" + key.removeprefix("fsdp_").upper()
+    )
     if mixed:  # as `accelerate launch` passes it on
         os.environ["ACCELERATE_MIXED_PRECISION"] = launch["mixed_precision"]
     acc = make_accelerator(Config(device="cpu"))
@@ -117,13 +126,7 @@ def deepspeed_accelerator(mode: str):
     configs/accelerate/<file> as `accelerate launch` would; `+mixed` adds its mixed precision."""
     import os
 
-    config_name, _, mixed = mode.partition("+")
-    launch = yaml.safe_load((ROOT / "configs" / "accelerate" / config_name).read_text())
-    assert launch["distributed_type"] == "DEEPSPEED", config_name
-    for key, value in launch["deepspeed_config"].items():
-        os.environ[_DEEPSPEED_ENV[key]] = (
-            str(value).lower() if isinstance(value, bool) else str(value)
-        )
+    launch, mixed = launch_file(mode, "deepspeed", _DEEPSPEED_ENV.__getitem__)
     os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
     os.environ["ACCELERATE_MIXED_PRECISION"] = launch["mixed_precision"] if mixed else "no"
     os.environ.setdefault("DS_ACCELERATOR", "cpu")

@@ -163,8 +163,9 @@ def load_model(
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
         with full_weights():
             model = auto_model_class(config, trust_remote_code).from_pretrained(
-                path, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True, **kwargs
-            )
+                path, config=config, dtype=dtype, trust_remote_code=trust_remote_code,
+                use_safetensors=True, **kwargs,
+            )  # fmt: skip
     except (OSError, ValueError, KeyError) as err:
         raise _load_error(path, "model", err) from err
     if getattr(model, "hf_device_map", None) is not None:
