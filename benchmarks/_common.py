@@ -42,9 +42,7 @@ def prepare_gym(workdir: Path, *, n_seed: int, n_train: int, seed: int) -> Path:
     out = workdir / f"gym-seed{seed}-s{n_seed}-t{n_train}"
     if not (out / "train.json").exists():
         t0 = time.perf_counter()
-        build_gym(
-            out, seed=seed, n_seed=n_seed, n_train=n_train, n_val=0, n_test_id=0, n_test_ood=0
-        )
+        build_gym(out, seed=seed, n_seed=n_seed, n_train=n_train, n_val=0, n_test_id=0, n_test_ood=0)
         log(f"built gym {out} ({time.perf_counter() - t0:.1f} s)")
     return out
 
@@ -86,19 +84,11 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
 
     cells = [[fmt(v) for v in row] for row in rows]
     widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
-    line = "  ".join(
-        h.ljust(w) if i == 0 else h.rjust(w)
-        for i, (h, w) in enumerate(zip(headers, widths, strict=True))
-    )
+    line = "  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(headers, widths, strict=True)))
     log(line)
     log("-" * len(line))
     for r in cells:
-        log(
-            "  ".join(
-                c.ljust(w) if i == 0 else c.rjust(w)
-                for i, (c, w) in enumerate(zip(r, widths, strict=True))
-            )
-        )
+        log("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))))
 
 
 def write_json(path: str | os.PathLike | None, result: dict[str, Any]) -> None:

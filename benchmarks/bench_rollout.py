@@ -52,26 +52,8 @@ from evostar.rollout.hf import generate
 from evostar.rollout.pool import RolloutPool
 from evostar.train import Example, SFTTrainer
 
-FULL = dict(
-    prompts=256,
-    k=8,
-    max_new_tokens=48,
-    batch_size=512,
-    repeats=3,
-    warm_steps=60,
-    warm_batch=32,
-    n_seed=200,
-)
-QUICK = dict(
-    prompts=8,
-    k=2,
-    max_new_tokens=12,
-    batch_size=8,
-    repeats=1,
-    warm_steps=8,
-    warm_batch=8,
-    n_seed=32,
-)
+FULL = dict(prompts=256, k=8, max_new_tokens=48, batch_size=512, repeats=3, warm_steps=60, warm_batch=32, n_seed=200)
+QUICK = dict(prompts=8, k=2, max_new_tokens=12, batch_size=8, repeats=1, warm_steps=8, warm_batch=8, n_seed=32)
 
 
 def warm_model(
@@ -88,9 +70,7 @@ def warm_model(
     examples = [Example(s, s.target) for s in seeds]
     cfg = OptimConfig(lr=1e-3, schedule="constant", batch_size=min(batch_size, len(examples)))
     t0 = time.perf_counter()
-    stats = SFTTrainer(model, io, cfg).train(
-        examples, steps, seed=seed, progress=False
-    )
+    stats = SFTTrainer(model, io, cfg).train(examples, steps, seed=seed, progress=False)
     info = {
         "steps": steps,
         "examples": len(examples),
@@ -105,9 +85,7 @@ def warm_model(
     return out, info
 
 
-def evostar_rollout(
-    model: torch.nn.Module, processor: Any, samples: Sequence[Any], **kw: Any
-) -> list[str]:
+def evostar_rollout(model: torch.nn.Module, processor: Any, samples: Sequence[Any], **kw: Any) -> list[str]:
     """evostar's generation stage, as the self-evolving loop calls it."""
     io = VLMInputs(processor)  # cold encoding cache: every timed run encodes its prompts once
     responses = generate(
@@ -132,9 +110,16 @@ def pool_rollout(model: torch.nn.Module, processor: Any, samples: Sequence[Any],
     pool = _POOLS.setdefault("pool", RolloutPool(kw["model_dir"], workers=2, dtype="bfloat16"))
     io = VLMInputs(processor)
     responses = pool(
-        model, io, samples, k=kw["k"], temperature=kw["temperature"], top_p=1.0,
-        max_new_tokens=kw["max_new_tokens"], batch_size=kw["batch_size"], progress=False,
-    )  # fmt: skip
+        model,
+        io,
+        samples,
+        k=kw["k"],
+        temperature=kw["temperature"],
+        top_p=1.0,
+        max_new_tokens=kw["max_new_tokens"],
+        batch_size=kw["batch_size"],
+        progress=False,
+    )
     return [r.text for r in responses]
 
 
@@ -143,9 +128,7 @@ def user_messages(question: str) -> list[dict[str, Any]]:
 
 
 @torch.inference_mode()
-def transformers_rollout(
-    model: torch.nn.Module, processor: Any, samples: Sequence[Any], **kw: Any
-) -> list[str]:
+def transformers_rollout(model: torch.nn.Module, processor: Any, samples: Sequence[Any], **kw: Any) -> list[str]:
     """The loop a user writes: chat template, processor on the K-times-repeated batch, generate."""
     from PIL import Image
 
@@ -162,9 +145,7 @@ def transformers_rollout(
                 img = im.convert("RGB")
             texts += [prompt] * k
             images += [img] * k
-        enc = processor(
-            text=texts, images=images, padding=True, padding_side="left", return_tensors="pt"
-        )
+        enc = processor(text=texts, images=images, padding=True, padding_side="left", return_tensors="pt")
         out = model.generate(
             **enc,
             do_sample=True,
@@ -174,9 +155,7 @@ def transformers_rollout(
             max_new_tokens=kw["max_new_tokens"],
             num_return_sequences=1,
         )
-        texts_out += processor.batch_decode(
-            out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True
-        )
+        texts_out += processor.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
     return texts_out
 
 
@@ -188,12 +167,7 @@ BACKENDS: dict[str, Callable[..., Any]] = {
 
 
 def timed(
-    name: str,
-    model: torch.nn.Module,
-    processor: Any,
-    samples: Sequence[Any],
-    seed: int,
-    **kw: Any,
+    name: str, model: torch.nn.Module, processor: Any, samples: Sequence[Any], seed: int, **kw: Any
 ) -> tuple[dict[str, float], list[str]]:
     """Run one backend under a seed; (metrics, texts).
 
@@ -221,41 +195,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--prompts", type=int, help=f"prompts (default {FULL['prompts']})")
     p.add_argument("--k", type=int, help=f"samples per prompt (default {FULL['k']})")
     p.add_argument("--max-new-tokens", type=int, help=f"(default {FULL['max_new_tokens']})")
-    p.add_argument(
-        "--batch-size", type=int, help=f"sequences per generate call (default {FULL['batch_size']})"
-    )
-    p.add_argument(
-        "--repeats", type=int, help=f"timed repeats, median reported (default {FULL['repeats']})"
-    )
-    p.add_argument(
-        "--warm-steps", type=int, help=f"SFT steps before timing (default {FULL['warm_steps']})"
-    )
-    p.add_argument(
-        "--warm-batch",
-        type=int,
-        help=f"SFT batch size of the warming (default {FULL['warm_batch']})",
-    )
-    p.add_argument(
-        "--n-seed", type=int, help=f"seed chains of thought for warming (default {FULL['n_seed']})"
-    )
+    p.add_argument("--batch-size", type=int, help=f"sequences per generate call (default {FULL['batch_size']})")
+    p.add_argument("--repeats", type=int, help=f"timed repeats, median reported (default {FULL['repeats']})")
+    p.add_argument("--warm-steps", type=int, help=f"SFT steps before timing (default {FULL['warm_steps']})")
+    p.add_argument("--warm-batch", type=int, help=f"SFT batch size of the warming (default {FULL['warm_batch']})")
+    p.add_argument("--n-seed", type=int, help=f"seed chains of thought for warming (default {FULL['n_seed']})")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--workdir", type=Path, default=None, help="cache for gym and models (default: temp dir)"
-    )
+    p.add_argument("--workdir", type=Path, default=None, help="cache for gym and models (default: temp dir)")
     p.add_argument("--out", type=Path, default=None, help="write the result JSON here")
-    p.add_argument(
-        "--quick", action="store_true", help="tiny sizes, 1 repeat: a smoke test, not a measurement"
-    )
+    p.add_argument("--quick", action="store_true", help="tiny sizes, 1 repeat: a smoke test, not a measurement")
     args = p.parse_args(argv)
     if args.temperature <= 0:
         p.error("--temperature must be > 0: the benchmark compares sampling K responses per prompt")
     base = QUICK if args.quick else FULL
-    cfg = {
-        key: getattr(args, key) if getattr(args, key) is not None else val
-        for key, val in base.items()
-    }
+    cfg = {key: getattr(args, key) if getattr(args, key) is not None else val for key, val in base.items()}
     cfg.update(temperature=args.temperature, threads=args.threads, seed=args.seed, quick=args.quick)
     setup_torch(args.threads)
 
@@ -297,18 +252,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for name in names:
             m, _ = timed(name, model, processor, samples, args.seed + r, **kw)
             runs[name].append(m)
-            log(
-                f"  repeat {r + 1} {name:12s} {m['seconds']:7.2f} s  {m['sequences'] / m['seconds']:8.1f} seq/s"
-            )
+            log(f"  repeat {r + 1} {name:12s} {m['seconds']:7.2f} s  {m['sequences'] / m['seconds']:8.1f} seq/s")
     for pool in _POOLS.values():
         pool.close()
 
-    result: dict[str, Any] = {
-        "benchmark": "rollout",
-        "config": cfg,
-        "warm_model": warm,
-        "machine": machine_info(),
-    }
+    result: dict[str, Any] = {"benchmark": "rollout", "config": cfg, "warm_model": warm, "machine": machine_info()}
     for name, rs in runs.items():
         result[name] = {
             "seq_per_s": median([m["sequences"] / m["seconds"] for m in rs]),
@@ -348,9 +296,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for n in ("evostar", "evostar-pool")
         ],
     )
-    log(
-        f"(median of {cfg['repeats']} repeat(s) after a warm-up run; compare ratios within one run)"
-    )
+    log(f"(median of {cfg['repeats']} repeat(s) after a warm-up run; compare ratios within one run)")
     log("'# Answer': share of samples in the trained format (the samplers draw the same distribution)")
     write_json(args.out, result)
     return result

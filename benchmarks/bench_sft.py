@@ -67,29 +67,19 @@ class CountingInputs(VLMInputs):
         return batch
 
 
-def run_evostar(
-    model_dir: Path, samples: Sequence[Any], cfg: dict[str, Any], seed: int
-) -> dict[str, Any]:
+def run_evostar(model_dir: Path, samples: Sequence[Any], cfg: dict[str, Any], seed: int) -> dict[str, Any]:
     """One timed `SFTTrainer.train` of `steps` steps from fresh weights and a cold encoding cache."""
     model, processor = load_model_and_processor(model_dir)
     io = CountingInputs(processor)
     optim = OptimConfig(
-        lr=cfg["lr"],
-        schedule="constant",
-        batch_size=cfg["batch_size"],
-        weight_decay=0.0,
-        max_grad_norm=MAX_GRAD_NORM,
+        lr=cfg["lr"], schedule="constant", batch_size=cfg["batch_size"], weight_decay=0.0, max_grad_norm=MAX_GRAD_NORM
     )
     trainer = SFTTrainer(model, io, optim)
     examples = [Example(s, s.target) for s in samples]
     stamps: list[float] = []
     t0 = time.perf_counter()
     trainer.train(
-        examples,
-        cfg["steps"],
-        seed=seed,
-        progress=False,
-        on_step=lambda *_: stamps.append(time.perf_counter()),
+        examples, cfg["steps"], seed=seed, progress=False, on_step=lambda *_: stamps.append(time.perf_counter())
     )
     return summarize(time.perf_counter() - t0, stamps, io.counts, cfg["steps"])
 
@@ -113,9 +103,7 @@ def trl_dataset(samples: Sequence[Any]) -> Any:
     return Dataset.from_list(rows)
 
 
-def make_trl_trainer(
-    model_dir: Path, dataset: Any, cfg: dict[str, Any], seed: int, out_dir: str
-) -> Any:
+def make_trl_trainer(model_dir: Path, dataset: Any, cfg: dict[str, Any], seed: int, out_dir: str) -> Any:
     from transformers import PrinterCallback, TrainerCallback
     from trl import SFTConfig
     from trl import SFTTrainer as TRLSFTTrainer
@@ -147,9 +135,7 @@ def make_trl_trainer(
         dataloader_drop_last=True,
         seed=seed,
     )
-    trainer = TRLSFTTrainer(
-        model=model, args=args, train_dataset=dataset, processing_class=processor
-    )
+    trainer = TRLSFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=processor)
 
     class Stamps(TrainerCallback):
         def __init__(self) -> None:
@@ -158,9 +144,7 @@ def make_trl_trainer(
         def on_step_end(self, *a: Any, **kw: Any) -> None:
             self.stamps.append(time.perf_counter())
 
-    assert not (args.bf16 or args.fp16 or args.activation_checkpointing), (
-        "fp32 without checkpointing, like evostar"
-    )
+    assert not (args.bf16 or args.fp16 or args.activation_checkpointing), "fp32 without checkpointing, like evostar"
     trainer.remove_callback(PrinterCallback)  # it prints the final metrics dict
     trainer.bench_stamps = Stamps()
     trainer.add_callback(trainer.bench_stamps)
@@ -187,9 +171,7 @@ def run_trl(model_dir: Path, dataset: Any, cfg: dict[str, Any], seed: int) -> di
     return summarize(seconds, trainer.bench_stamps.stamps, trainer.bench_counts, cfg["steps"])
 
 
-def summarize(
-    seconds: float, stamps: list[float], counts: list[tuple[int, int]], steps: int
-) -> dict[str, Any]:
+def summarize(seconds: float, stamps: list[float], counts: list[tuple[int, int]], steps: int) -> dict[str, Any]:
     counts = counts[:steps]
     assert len(counts) == steps == len(stamps), (len(counts), steps, len(stamps))
     loss_tokens, total_tokens = sum(c[0] for c in counts), sum(c[1] for c in counts)
@@ -208,9 +190,7 @@ def summarize(
     return out
 
 
-def initial_losses(
-    model_dir: Path, samples: Sequence[Any], dataset: Any, cfg: dict[str, Any]
-) -> dict[str, Any]:
+def initial_losses(model_dir: Path, samples: Sequence[Any], dataset: Any, cfg: dict[str, Any]) -> dict[str, Any]:
     """Loss of the initial weights on the same first batch, each framework collating its way."""
     bs = cfg["batch_size"]
     model, processor = load_model_and_processor(model_dir)
@@ -222,58 +202,33 @@ def initial_losses(
         evo = torch.nn.functional.cross_entropy(
             logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100
         )
-    out: dict[str, Any] = {
-        "evostar": {"loss": float(evo), "loss_tokens": count_tokens({**batch, "labels": labels})[0]}
-    }
+    out: dict[str, Any] = {"evostar": {"loss": float(evo), "loss_tokens": count_tokens({**batch, "labels": labels})[0]}}
     with tempfile.TemporaryDirectory() as out_dir:
         trainer = make_trl_trainer(model_dir, dataset, cfg, 0, out_dir)
         trl_batch = trainer.data_collator([dict(dataset[i]) for i in range(bs)])
         with torch.no_grad():
             trl = trainer.compute_loss(trainer.model, dict(trl_batch))
-    out["trl"] = {
-        "loss": float(trl),
-        "loss_tokens": count_tokens(trl_batch)[0],
-        "optim": str(trainer.args.optim),
-    }
-    out["relative_difference"] = (
-        abs(out["trl"]["loss"] - out["evostar"]["loss"]) / out["evostar"]["loss"]
-    )
+    out["trl"] = {"loss": float(trl), "loss_tokens": count_tokens(trl_batch)[0], "optim": str(trainer.args.optim)}
+    out["relative_difference"] = abs(out["trl"]["loss"] - out["evostar"]["loss"]) / out["evostar"]["loss"]
     out["comparable"] = out["relative_difference"] < 0.05
     return out
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument(
-        "--examples",
-        type=int,
-        help=f"seed chains of thought trained on (default {FULL['examples']})",
-    )
-    p.add_argument(
-        "--batch-size", type=int, help=f"examples per optimizer step (default {FULL['batch_size']})"
-    )
-    p.add_argument(
-        "--steps", type=int, help=f"optimizer steps per timed run (default {FULL['steps']})"
-    )
-    p.add_argument(
-        "--repeats", type=int, help=f"timed repeats, median reported (default {FULL['repeats']})"
-    )
+    p.add_argument("--examples", type=int, help=f"seed chains of thought trained on (default {FULL['examples']})")
+    p.add_argument("--batch-size", type=int, help=f"examples per optimizer step (default {FULL['batch_size']})")
+    p.add_argument("--steps", type=int, help=f"optimizer steps per timed run (default {FULL['steps']})")
+    p.add_argument("--repeats", type=int, help=f"timed repeats, median reported (default {FULL['repeats']})")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--workdir", type=Path, default=None, help="cache for gym and model (default: temp dir)"
-    )
+    p.add_argument("--workdir", type=Path, default=None, help="cache for gym and model (default: temp dir)")
     p.add_argument("--out", type=Path, default=None, help="write the result JSON here")
-    p.add_argument(
-        "--quick", action="store_true", help="tiny sizes, 1 repeat: a smoke test, not a measurement"
-    )
+    p.add_argument("--quick", action="store_true", help="tiny sizes, 1 repeat: a smoke test, not a measurement")
     args = p.parse_args(argv)
     base = QUICK if args.quick else FULL
-    cfg = {
-        key: getattr(args, key) if getattr(args, key) is not None else val
-        for key, val in base.items()
-    }
+    cfg = {key: getattr(args, key) if getattr(args, key) is not None else val for key, val in base.items()}
     cfg.update(lr=args.lr, threads=args.threads, seed=args.seed, quick=args.quick)
     setup_torch(args.threads)
 
@@ -318,9 +273,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for name in backends if r % 2 == 0 else backends[::-1]:  # alternate to cancel drift
             runs[name].append(runners[name](cfg, args.seed + r))
             m = runs[name][-1]
-            log(
-                f"  repeat {r + 1} {name:8s} {m['seconds']:7.2f} s  {m['loss_tokens_per_s']:9.1f} loss tok/s"
-            )
+            log(f"  repeat {r + 1} {name:8s} {m['seconds']:7.2f} s  {m['loss_tokens_per_s']:9.1f} loss tok/s")
 
     keys = ["loss_tokens_per_s", "total_tokens_per_s", "steps_per_s", "steady_loss_tokens_per_s"]
     for name, rs in runs.items():
@@ -333,9 +286,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
     if "trl" in runs:
         result["ratio"] = {
-            key: ratio(result["evostar"][key], result["trl"][key])
-            for key in keys
-            if key in result["evostar"]
+            key: ratio(result["evostar"][key], result["trl"][key]) for key in keys if key in result["evostar"]
         }
     log("")
     rows = [
@@ -361,12 +312,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 rt.get("steady_loss_tokens_per_s", float("nan")),
             ]
         )
-    print_table(
-        ["backend", "seconds", "steps/s", "loss tok/s", "total tok/s", "steady loss tok/s"], rows
-    )
-    log(
-        f"(median of {cfg['repeats']} repeat(s) after a warm-up run; compare ratios within one run)"
-    )
+    print_table(["backend", "seconds", "steps/s", "loss tok/s", "total tok/s", "steady loss tok/s"], rows)
+    log(f"(median of {cfg['repeats']} repeat(s) after a warm-up run; compare ratios within one run)")
     write_json(args.out, result)
     return result
 

@@ -31,16 +31,13 @@ def test_extract_answer(text: str, expected: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "text",
-    ["", "no answer anywhere", "# Answer\n\n", "# Answer", "truncated \\boxed{\\frac{1}{2"],
+    "text", ["", "no answer anywhere", "# Answer\n\n", "# Answer", "truncated \\boxed{\\frac{1}{2"]
 )
 def test_extract_answer_none(text: str) -> None:
     assert extract_answer(text) is None
 
 
-@pytest.mark.parametrize(
-    "pred", ["B", "(B)", "B.", "B)", "\\boxed{B}", "Option B", "(B) 4 cm", "4 cm", " 4  CM "]
-)
+@pytest.mark.parametrize("pred", ["B", "(B)", "B.", "B)", "\\boxed{B}", "Option B", "(B) 4 cm", "4 cm", " 4  CM "])
 @pytest.mark.parametrize("gold", ["B", "4 cm"])
 def test_multiple_choice_forms(pred: str, gold: str) -> None:
     assert answers_match(pred, gold, CHOICES)

@@ -24,8 +24,17 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 def run_quick(script: str, tmp_path: Path) -> dict[str, Any]:
     out = tmp_path / "result.json"
-    cmd = [sys.executable, str(ROOT / "benchmarks" / script), "--quick", "--threads", "1",
-           "--workdir", str(tmp_path / "work"), "--out", str(out)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        str(ROOT / "benchmarks" / script),
+        "--quick",
+        "--threads",
+        "1",
+        "--workdir",
+        str(tmp_path / "work"),
+        "--out",
+        str(out),
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "evostar" in proc.stdout

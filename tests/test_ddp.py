@@ -34,12 +34,7 @@ MODES = ["ddp", "fsdp2.yaml", "fsdp.yaml+mixed", "deepspeed_zero2.yaml", "deepsp
 def ranks(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     mode = request.param
     work = tmp_path_factory.mktemp(mode.replace(".yaml", "").replace("+", "_"))
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "HF_HUB_OFFLINE": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-    }
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     env.pop("ACCELERATE_USE_CPU", None)  # make_accelerator picks CPU itself when there is no CUDA
     cmd = [
         sys.executable,
@@ -54,9 +49,7 @@ def ranks(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
     ]
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     if proc.returncode != 0:
-        pytest.fail(
-            f"torchrun exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-        )
+        pytest.fail(f"torchrun exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     out = [json.loads((work / f"result_rank{r}.json").read_text()) for r in range(2)]
     return [{**r, "mode": mode} for r in out]
 
@@ -83,9 +76,7 @@ def test_ranks_hold_identical_weights(ranks: list[dict]) -> None:
 def test_sharded_launches_split_the_weights(ranks: list[dict]) -> None:
     r0, mode = ranks[0], ranks[0]["mode"]
     kind = {"ddp": "MULTI_CPU", "fsdp": "FSDP", "deepspeed": "DEEPSPEED"}
-    assert r0["distributed_type"] == "DistributedType." + next(
-        v for k, v in kind.items() if mode.startswith(k)
-    )
+    assert r0["distributed_type"] == "DistributedType." + next(v for k, v in kind.items() if mode.startswith(k))
     if mode.startswith("fsdp"):
         assert r0["fsdp_version"] == (2 if mode.startswith("fsdp2") else 1)
     if mode == "ddp" or mode.startswith("deepspeed_zero2"):  # full weights on every rank
@@ -174,8 +165,20 @@ def test_accelerate_launch_with_the_shipped_zero3_file(tmp_path: Path) -> None:
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu"}
     launcher = ROOT / "configs" / "accelerate" / "deepspeed_zero3.yaml"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(launcher),
-           "--num_processes", "2", "-m", "evostar.cli", "evolve", "--config", str(tmp_path / "cfg.yaml")]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(launcher),
+        "--num_processes",
+        "2",
+        "-m",
+        "evostar.cli",
+        "evolve",
+        "--config",
+        str(tmp_path / "cfg.yaml"),
+    ]
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
@@ -183,9 +186,7 @@ def test_accelerate_launch_with_the_shipped_zero3_file(tmp_path: Path) -> None:
     assert set(summary["accuracy"]) == {"base", "warmup", "final"}
     from safetensors import safe_open
 
-    with safe_open(
-        str(tmp_path / "run" / "checkpoints" / "final" / "model.safetensors"), "pt"
-    ) as f:
+    with safe_open(str(tmp_path / "run" / "checkpoints" / "final" / "model.safetensors"), "pt") as f:
         assert {str(f.get_slice(k).get_dtype()) for k in f.keys()} == {"F32"}  # fp32 master weights
 
 

@@ -189,11 +189,7 @@ def test_split_streams_are_independent_of_other_sizes(tmp_path: Path) -> None:
 
 
 def test_family_mix_and_validation() -> None:
-    assert family_counts(10, [("arith", 0.6), ("compare", 0.2), ("bars", 0.2)]) == {
-        "arith": 6,
-        "compare": 2,
-        "bars": 2,
-    }
+    assert family_counts(10, [("arith", 0.6), ("compare", 0.2), ("bars", 0.2)]) == {"arith": 6, "compare": 2, "bars": 2}
     assert sum(family_counts(7, [("arith", 1), ("bars", 1), ("compare", 1)]).values()) == 7
     with pytest.raises(ValueError, match="unknown gym families"):
         family_counts(5, [("geometry", 1.0)])
@@ -214,9 +210,7 @@ def test_build_is_fast(tmp_path: Path) -> None:
 
 def test_question_and_gold_forms() -> None:
     s = _sample("arith", "(a+b)*c", digits=[3, 7, 5])
-    assert s.question == (
-        "The image shows three handwritten digits a, b, c from left to right. Compute (a + b) * c."
-    )
+    assert s.question == ("The image shows three handwritten digits a, b, c from left to right. Compute (a + b) * c.")
     assert gold_steps(s.meta["gym"]) == [
         "The first digit is 3.",
         "The second digit is 7.",
@@ -229,8 +223,7 @@ def test_question_and_gold_forms() -> None:
 
     c = _sample("compare", "largest", digits=[2, 7, 5])
     assert c.question.endswith(
-        "Which digit is the largest?\nChoices:\n(A) the first digit\n"
-        "(B) the second digit\n(C) the third digit"
+        "Which digit is the largest?\nChoices:\n(A) the first digit\n(B) the second digit\n(C) the third digit"
     )
     assert c.choices == COMPARE_CHOICES and c.answer == "B"
     assert gold_steps(c.meta["gym"])[-1] == "The largest is 7, the second digit."
@@ -295,11 +288,7 @@ def test_swapped_operands_and_lenient_forms() -> None:
     # right arithmetic, but not an operation of this problem
     assert check_steps(s, _response("3 * 7 = 21.", "10 + 5 = 15.", answer="50")) == [False, False]
     r = _sample("bars", "range", heights=[2, 9, 4])
-    assert check_steps(r, _response("9 - 2 = 7.", "2 - 9 = -7.", "9 - 4 = 5.", answer="7")) == [
-        True,
-        False,
-        False,
-    ]
+    assert check_steps(r, _response("9 - 2 = 7.", "2 - 9 = -7.", "9 - 4 = 5.", answer="7")) == [True, False, False]
 
 
 def test_compare_misread_but_right_letter() -> None:

@@ -38,9 +38,7 @@ def _conv(question: str, answer: str | None) -> list[dict[str, str]]:
     return turns
 
 
-def _mathv360k(
-    tmp_path: Path, answers: list[str | None] | None = None, images: list[str] | None = None
-) -> Path:
+def _mathv360k(tmp_path: Path, answers: list[str | None] | None = None, images: list[str] | None = None) -> Path:
     """MathV360K layout: id, relative image path, conversations; images under tmp/pics."""
     answers = answers if answers is not None else ["1", "2", "3"]
     (tmp_path / "pics").mkdir(exist_ok=True)
@@ -117,41 +115,25 @@ def test_mathv360k_path_column(tmp_path):
 
 def test_bad_rows_name_dataset_row_and_field(tmp_path):
     saved = _mathv360k(tmp_path, answers=["1", None, "3"])
-    with pytest.raises(
-        DataError, match=r"mathv360k row 1 \(id 'm1'\): field 'conversations': no answer"
-    ):
+    with pytest.raises(DataError, match=r"mathv360k row 1 \(id 'm1'\): field 'conversations': no answer"):
         load_samples(saved, image_root=tmp_path)
     unlabeled = load_hf_samples(saved, image_root=tmp_path, require_answer=False)
     assert [s.answer for s in unlabeled] == ["1", None, "3"]
 
     other = tmp_path / "dup"
     other.mkdir()
-    Dataset.from_dict(
-        {"id": ["a", "a"], "question": ["q", "q"], "answer": ["1", "2"]}
-    ).save_to_disk(other / "ds")
+    Dataset.from_dict({"id": ["a", "a"], "question": ["q", "q"], "answer": ["1", "2"]}).save_to_disk(other / "ds")
     with pytest.raises(DataError, match=r"row 1 \(id 'a'\): field 'id': duplicate of row 0"):
         load_samples(other / "ds")
 
     broken = Dataset.from_dict(
-        {
-            "id": ["x"],
-            "question": ["q"],
-            "answer": ["1"],
-            "image": [{"bytes": b"\x89PNG no", "path": None}],
-        },
+        {"id": ["x"], "question": ["q"], "answer": ["1"], "image": [{"bytes": b"\x89PNG no", "path": None}]},
         features=Features(
-            {
-                "id": Value("string"),
-                "question": Value("string"),
-                "answer": Value("string"),
-                "image": Image(),
-            }
+            {"id": Value("string"), "question": Value("string"), "answer": Value("string"), "image": Image()}
         ),
     )
     broken.save_to_disk(other / "broken")
-    with pytest.raises(
-        DataError, match=r"broken row 0 \(id 'x'\): field 'image': image bytes cannot be decoded"
-    ):
+    with pytest.raises(DataError, match=r"broken row 0 \(id 'x'\): field 'image': image bytes cannot be decoded"):
         load_samples(other / "broken")
 
 
@@ -189,9 +171,7 @@ def test_dataset_dict_splits(tmp_path):
                 "answer": [str(i + offset) for i in range(n)],
                 "image": [_dots(i + offset, seed=i) for i in range(n)],
             },
-            features=Features(
-                {"question": Value("string"), "answer": Value("string"), "image": Image()}
-            ),
+            features=Features({"question": Value("string"), "answer": Value("string"), "image": Image()}),
         )
 
     DatasetDict({"train": flat(4, 1), "test": flat(2, 5)}).save_to_disk(tmp_path / "dd")
@@ -203,9 +183,7 @@ def test_dataset_dict_splits(tmp_path):
     assert [s.id for s in train] == ["train-0", "train-1", "train-2", "train-3"]  # no id column
     assert all(Path(s.image).parent == root / "train" / "_images" for s in train)
     test = load_hf_samples(root, split="test")
-    assert [s.answer for s in test] == ["5", "6"] and Path(
-        test[0].image
-    ).parent == root / "test" / "_images"
+    assert [s.answer for s in test] == ["5", "6"] and Path(test[0].image).parent == root / "test" / "_images"
     assert [s.answer for s in load_samples(root / "test")] == ["5", "6"]  # a split directory alone
     with pytest.raises(DataError, match=r"no split 'dev'; it has \['train', 'test'\]"):
         load_hf_samples(root, split="dev")
@@ -230,13 +208,7 @@ def test_hub_id_offline_is_a_clear_error(tmp_path):
         "HF_DATASETS_CACHE": str(tmp_path / "datasets"),
         "OMP_NUM_THREADS": "1",
     }
-    proc = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
-    )
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = proc.stdout
-    assert (
-        "DataError: hf://evostar-test/does-not-exist" in out
-        and "offline" in out
-        and "save_to_disk" in out
-    )
+    assert "DataError: hf://evostar-test/does-not-exist" in out and "offline" in out and "save_to_disk" in out

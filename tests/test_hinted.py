@@ -64,24 +64,11 @@ def test_filter_hinted_reasons_add_up_and_targets_are_clean():
             "The correct answer is: 7\n\n# Answer\n\n7",  # leaks_hint
             "Count.\n\n# Answer\n\n8",  # wrong
         ],
-        "b": [
-            "There are four.\n\n# Answer\n\n(B) four",
-            "Hm.\n\nThe given answer says B.\n\n# Answer\n\nB",
-            "Blah",
-        ],
+        "b": ["There are four.\n\n# Answer\n\n(B) four", "Hm.\n\nThe given answer says B.\n\n# Answer\n\nB", "Blah"],
     }
-    responses = [
-        Response(sample_id=sid + HINTED_ID_SUFFIX, text=t) for sid, ts in texts.items() for t in ts
-    ]
+    responses = [Response(sample_id=sid + HINTED_ID_SUFFIX, text=t) for sid, ts in texts.items() for t in ts]
     kept, counts = filter_hinted(samples, responses, keep_per_prompt=1)
-    assert counts == {
-        "wrong": 2,
-        "no_steps": 1,
-        "leaks_hint": 2,
-        "duplicate": 1,
-        "over_limit": 1,
-        "kept": 2,
-    }
+    assert counts == {"wrong": 2, "no_steps": 1, "leaks_hint": 2, "duplicate": 1, "over_limit": 1, "kept": 2}
     assert sum(counts.values()) == len(responses) and set(counts) == set(REASONS)
     assert [s.id for s in kept] == ["a", "b"]
     assert kept[0].target == "Count the dots.\n\n# Answer\n\n7"
@@ -101,13 +88,7 @@ def test_pick_prompts_and_records_round_trip(tmp_path):
     assert len(picked) == 4 and picked == pick_prompts(samples, 4, seed=0)
     assert [s.id for s in picked] == sorted((s.id for s in picked), key=lambda x: int(x[1:]))
     kept = [
-        Sample(
-            id="s1",
-            question="How many?",
-            answer="B",
-            choices=["x", "y"],
-            rationale="Look.\n\nCount.",
-        ),
+        Sample(id="s1", question="How many?", answer="B", choices=["x", "y"], rationale="Look.\n\nCount."),
         Sample(id="s1#1", question="How many?", answer="B", choices=["x", "y"], rationale="Count."),
     ]
     path = tmp_path / "warmup_set.json"
@@ -127,33 +108,20 @@ def copier(tmp_path_factory) -> tuple[torch.nn.Module, VLMInputs, list[Sample], 
     three styles by prompt: good steps, no steps, and steps that quote the hint back."""
     root = tmp_path_factory.mktemp("hinted")
     paths = build_gym(
-        root / "data",
-        seed=0,
-        n_seed=0,
-        n_train=24,
-        n_val=0,
-        n_test_id=0,
-        n_test_ood=0,
-        families=(("arith", 1.0),),
+        root / "data", seed=0, n_seed=0, n_train=24, n_val=0, n_test_id=0, n_test_ood=0, families=(("arith", 1.0),)
     )
     train = load_samples(paths["train"])
     texts = [hinted_prompt(s).question for s in train] + ["user\nassistant\n", "# Answer\n\n", GOOD]
-    build_tiny_qwen2_vl(
-        texts, root / "model", TinyModelSpec(num_layers=2, hidden_size=64, intermediate_size=256)
-    )
+    build_tiny_qwen2_vl(texts, root / "model", TinyModelSpec(num_layers=2, hidden_size=64, intermediate_size=256))
     io = VLMInputs(load_processor(root / "model"))
     model = load_model(root / "model")
     style = {}
     examples = []
     for i, s in enumerate(train):
         style[s.id] = ("leak", "bare", "good", "good")[i % 4]
-        rationale = {"leak": f"The correct answer is: {s.answer}", "bare": ""}.get(
-            style[s.id], GOOD
-        )
+        rationale = {"leak": f"The correct answer is: {s.answer}", "bare": ""}.get(style[s.id], GOOD)
         examples.append(Example(hinted_prompt(s), format_response(rationale, s.answer)))
-    trainer = SFTTrainer(
-        model, VLMInputs(io.processor), OptimConfig(lr=5e-3, schedule="constant", batch_size=12)
-    )
+    trainer = SFTTrainer(model, VLMInputs(io.processor), OptimConfig(lr=5e-3, schedule="constant", batch_size=12))
     trainer.train(examples, 120, seed=0, progress=False)
     return model.eval(), io, train, style
 
@@ -215,10 +183,7 @@ def test_hinted_prompts_are_encoded_apart_from_originals(copier):
 
 def test_records_keep_images(copier, tmp_path):
     _, _, train, _ = copier
-    kept = [
-        Sample(id=s.id, question=s.question, image=s.image, answer=s.answer, rationale="Look.")
-        for s in train[:2]
-    ]
+    kept = [Sample(id=s.id, question=s.question, image=s.image, answer=s.answer, rationale="Look.") for s in train[:2]]
     path = tmp_path / "w.json"
     path.write_text(json.dumps(warmup_records(kept)))
     back = load_samples(path, image_root=Path("/nonexistent"))  # absolute paths ignore the root
@@ -229,8 +194,7 @@ def test_records_keep_images(copier, tmp_path):
 
 
 @pytest.mark.skipif(
-    not hasattr(WarmupConfig(), "hinted"),
-    reason="warmup.hinted is not a config key yet (proposed pipeline hook)",
+    not hasattr(WarmupConfig(), "hinted"), reason="warmup.hinted is not a config key yet (proposed pipeline hook)"
 )
 def test_pipeline_builds_hinted_warmup_set_and_resumes_it(copier, tmp_path):
     from evostar.config import load_config
@@ -241,14 +205,7 @@ def test_pipeline_builds_hinted_warmup_set_and_resumes_it(copier, tmp_path):
     model, io, train, _ = copier
     save_model_and_processor(model, io.processor, tmp_path / "copier")
     paths = gym(
-        tmp_path / "data",
-        seed=1,
-        n_seed=0,
-        n_train=0,
-        n_val=2,
-        n_test_id=2,
-        n_test_ood=0,
-        families=(("arith", 1.0),),
+        tmp_path / "data", seed=1, n_seed=0, n_train=0, n_val=2, n_test_id=2, n_test_ood=0, families=(("arith", 1.0),)
     )
     overrides = [
         f"output_dir={tmp_path / 'run'}",
@@ -275,9 +232,7 @@ def test_pipeline_builds_hinted_warmup_set_and_resumes_it(copier, tmp_path):
     assert stats["prompts"] == len(train) and stats["generated"] == 4 * len(train)
     assert sum(stats[r] for r in REASONS) == stats["generated"] and stats["kept"] > 0
     saved = load_samples(tmp_path / "run" / "warmup_set.json")
-    assert len(saved) == stats["kept"] and all(
-        s.rationale and not leaks_hint(s.target) for s in saved
-    )
+    assert len(saved) == stats["kept"] and all(s.rationale and not leaks_hint(s.target) for s in saved)
     assert all("correct answer" not in s.question.lower() for s in saved)
     again = run_experiment(load_config(None, overrides), resume=True)  # read back, not regenerated
     assert again["hinted_warmup"] == stats and again["accuracy"] == summary["accuracy"]
@@ -289,10 +244,7 @@ def _answers_only(samples: list[Sample], tmp_path: Path) -> Path:
         {
             "id": s.id,
             "image": s.image,
-            "conversations": [
-                {"from": "human", "value": f"<image>\n{s.question}"},
-                {"from": "gpt", "value": s.answer},
-            ],
+            "conversations": [{"from": "human", "value": f"<image>\n{s.question}"}, {"from": "gpt", "value": s.answer}],
         }
         for s in samples
     ]

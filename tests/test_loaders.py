@@ -150,13 +150,7 @@ def test_mathvista_keyed_by_pid_and_as_list(data_dir: Path) -> None:
         }
         return {**base, **kw}
 
-    mc = rec(
-        "2",
-        choices=["3", "5", "7"],
-        answer="5",
-        question_type="multi_choice",
-        answer_type="text",
-    )
+    mc = rec("2", choices=["3", "5", "7"], answer="5", question_type="multi_choice", answer_type="text")
     keyed = {"1": rec("1", precision=1.0), "2": mc}
     a, b = load_samples(_write_json(data_dir / "testmini.json", keyed))
     assert (a.id, a.answer, a.choices) == ("1", "1.2", None)
@@ -176,15 +170,11 @@ def test_mathvista_keyed_by_pid_and_as_list(data_dir: Path) -> None:
 
 
 def test_missing_image_names_file_record_and_field(data_dir: Path) -> None:
-    path = _write_json(
-        data_dir / "train.json", [_mathv("a"), _mathv("gym-x", image="images/no.png")]
-    )
+    path = _write_json(data_dir / "train.json", [_mathv("a"), _mathv("gym-x", image="images/no.png")])
     with pytest.raises(DataError) as e:
         load_samples(path)
     missing = (data_dir / "images" / "no.png").resolve()
-    assert str(e.value) == (
-        f"{path} record 1 (id 'gym-x'): field 'image': file not found: {missing}"
-    )
+    assert str(e.value) == (f"{path} record 1 (id 'gym-x'): field 'image': file not found: {missing}")
     assert isinstance(e.value, ValueError)
 
 

@@ -100,9 +100,7 @@ def test_multi_choice_correct(response: str) -> None:
     assert item["true_false"] is True
 
 
-@pytest.mark.parametrize(
-    "response", ["A", "# Answer\n\n(D)", "# Answer\n\nsquare", "# Answer\n\nsqare"]
-)
+@pytest.mark.parametrize("response", ["A", "# Answer\n\n(D)", "# Answer\n\nsquare", "# Answer\n\nsqare"])
 def test_multi_choice_wrong(response: str) -> None:
     assert _score_one(_mc(), response)["true_false"] is False
 
@@ -177,10 +175,7 @@ def test_free_form_list(response: str, ok: bool) -> None:
 
 
 def test_normalize_matches_official_rules() -> None:
-    assert (
-        normalize_extracted_answer("(C) rhombus", MC_CHOICES, "multi_choice", "text", None)
-        == "rhombus"
-    )
+    assert normalize_extracted_answer("(C) rhombus", MC_CHOICES, "multi_choice", "text", None) == "rhombus"
     assert normalize_extracted_answer("B", MC_CHOICES, "multi_choice", "text", None) == "rectangle"
     assert normalize_extracted_answer("12.0", None, "free_form", "integer", None) == "12"
     assert normalize_extracted_answer("x", None, "free_form", "integer", None) is None

@@ -102,7 +102,8 @@ def test_two_process_pool_is_seeded_and_keeps_sample_order(setup, tmp_path):
 def test_workers_exit_when_their_run_is_killed(setup, tmp_path):
     model_dir, samples = setup
     script = tmp_path / "run.py"
-    script.write_text(textwrap.dedent(f"""
+    script.write_text(
+        textwrap.dedent(f"""
         import sys, time, torch
         from evostar.data.loaders import load_samples
         from evostar.models.hub import load_model, load_processor
@@ -115,7 +116,8 @@ def test_workers_exit_when_their_run_is_killed(setup, tmp_path):
             pool(model, io, load_samples(sys.argv[1]), k=1)
             print(pool.processes[0].pid, flush=True)
             time.sleep(600)
-    """))
+    """)
+    )
     train = Path(samples[0].image).parent.parent / "train.json"
     proc = subprocess.Popen([sys.executable, str(script), str(train)], stdout=subprocess.PIPE, text=True)
     worker = int(proc.stdout.readline())
@@ -144,7 +146,8 @@ def test_a_worker_that_dies_is_an_error_not_a_hang(setup, tmp_path):
     processes of its own while bootstrapping): the run must stop and say why."""
     model_dir, samples = setup
     script = tmp_path / "unguarded.py"
-    script.write_text(textwrap.dedent(f"""
+    script.write_text(
+        textwrap.dedent(f"""
         import sys
         from evostar.data.loaders import load_samples
         from evostar.models.hub import load_model, load_processor
@@ -153,7 +156,8 @@ def test_a_worker_that_dies_is_an_error_not_a_hang(setup, tmp_path):
         model = load_model({str(model_dir)!r})
         pool = RolloutPool({str(model_dir)!r}, workers=2)
         pool(model, VLMInputs(load_processor({str(model_dir)!r})), load_samples(sys.argv[1]), k=1)
-    """))
+    """)
+    )
     train = Path(samples[0].image).parent.parent / "train.json"
     proc = subprocess.run([sys.executable, str(script), str(train)], capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0

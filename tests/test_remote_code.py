@@ -35,13 +35,7 @@ from evostar.config import (
 from evostar.data.gym import build_gym
 from evostar.data.loaders import load_samples
 from evostar.demo import gym_texts
-from evostar.models.hub import (
-    ModelLoadError,
-    load_model,
-    load_policy,
-    load_processor,
-    save_model_and_processor,
-)
+from evostar.models.hub import ModelLoadError, load_model, load_policy, load_processor, save_model_and_processor
 from evostar.models.inputs import VLMInputs
 from evostar.models.tiny import TinyModelSpec, build_tiny_qwen2_vl
 from evostar.pipeline import run_experiment
@@ -51,14 +45,14 @@ from evostar.train import Example, SFTTrainer
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 CODE = {
-    "configuration_evostar_remote.py": '''
+    "configuration_evostar_remote.py": """
 from transformers import Qwen2VLConfig
 
 
 class RemoteVLConfig(Qwen2VLConfig):
     model_type = "evostar_remote_vl"
-''',
-    "modeling_evostar_remote.py": '''
+""",
+    "modeling_evostar_remote.py": """
 from transformers import Qwen2VLForConditionalGeneration
 
 from .configuration_evostar_remote import RemoteVLConfig
@@ -66,7 +60,7 @@ from .configuration_evostar_remote import RemoteVLConfig
 
 class RemoteVLForCausalLM(Qwen2VLForConditionalGeneration):
     config_class = RemoteVLConfig
-''',
+""",
     "processing_evostar_remote.py": '''
 from transformers import Qwen2VLProcessor
 

@@ -69,9 +69,7 @@ def files(tmp_path: Path) -> dict[str, Path]:
     data = tmp_path / "testmini.json"
     data.write_text(json.dumps(PROBLEMS))
     resp = tmp_path / "responses.jsonl"
-    resp.write_text(
-        "".join(json.dumps({"pid": p, "response": r}) + "\n" for p, r in RESPONSES.items())
-    )
+    resp.write_text("".join(json.dumps({"pid": p, "response": r}) + "\n" for p, r in RESPONSES.items()))
     evalr = tmp_path / "eval_responses.jsonl"  # what `evostar eval --responses` writes
     evalr.write_text(
         "".join(
@@ -97,17 +95,7 @@ def files(tmp_path: Path) -> dict[str, Path]:
 
 def _score(data: Path, responses: Path, *extra: str):
     return runner.invoke(
-        app,
-        [
-            "score",
-            "--benchmark",
-            "mathvista",
-            "--data",
-            str(data),
-            "--responses",
-            str(responses),
-            *extra,
-        ],
+        app, ["score", "--benchmark", "mathvista", "--data", str(data), "--responses", str(responses), *extra]
     )
 
 
@@ -120,9 +108,7 @@ def test_score_prints_accuracy_and_by_task_and_writes_items(files):
     result = _score(files["data"], files["responses"], "--out-items", str(items))
     assert result.exit_code == 0, result.output
     summary = _summary(result.stdout)
-    assert (
-        summary["accuracy"] == pytest.approx(0.75) and summary["n"] == 4 and summary["correct"] == 3
-    )
+    assert summary["accuracy"] == pytest.approx(0.75) and summary["n"] == 4 and summary["correct"] == 3
     assert summary["missing"] == 1 and summary["extra"] == 0
     assert summary["by_task"]["math word problem"] == {"accuracy": 0.5, "n": 2, "correct": 1}
     assert summary["by_task"]["geometry problem solving"]["accuracy"] == 1.0
@@ -130,9 +116,7 @@ def test_score_prints_accuracy_and_by_task_and_writes_items(files):
     rows = [json.loads(line) for line in items.read_text().splitlines()]
     assert [r["pid"] for r in rows] == ["1", "2", "3", "4"]
     assert [r["true_false"] for r in rows] == [True, True, True, False]
-    assert (
-        rows[1]["prediction"] == "rectangle" and rows[3]["missing"] and rows[3]["response"] is None
-    )
+    assert rows[1]["prediction"] == "rectangle" and rows[3]["missing"] and rows[3]["response"] is None
     assert rows[0]["response"] == RESPONSES["1"]
     assert "1 of 4 problems have no response" in result.stderr
 
@@ -143,23 +127,12 @@ def test_score_reads_eval_responses(files):
     assert result.exit_code == 0, result.output
     via_eval = _summary(result.stdout)
     drop = ("responses",)
-    assert {k: v for k, v in via_eval.items() if k not in drop} == {
-        k: v for k, v in direct.items() if k not in drop
-    }
+    assert {k: v for k, v in via_eval.items() if k not in drop} == {k: v for k, v in direct.items() if k not in drop}
 
 
 def test_unknown_benchmark(files):
     result = runner.invoke(
-        app,
-        [
-            "score",
-            "--benchmark",
-            "mmstar",
-            "--data",
-            str(files["data"]),
-            "--responses",
-            str(files["responses"]),
-        ],
+        app, ["score", "--benchmark", "mmstar", "--data", str(files["data"]), "--responses", str(files["responses"])]
     )
     assert result.exit_code == 2 and "mmstar" in result.output and "mathvista" in result.output
     assert "Traceback" not in result.output
@@ -168,27 +141,11 @@ def test_unknown_benchmark(files):
 @pytest.mark.parametrize(
     "which, content, expect",
     [
-        (
-            "responses",
-            '{"pid": "1", "response": "7"}\n{oops\n',
-            ["responses.jsonl", "line 2", "invalid JSON"],
-        ),
+        ("responses", '{"pid": "1", "response": "7"}\n{oops\n', ["responses.jsonl", "line 2", "invalid JSON"]),
         ("responses", '{"pid": "1"}\n', ["responses.jsonl", "line 1", "'response'"]),
-        (
-            "responses",
-            '{"pid": "1", "response": "a"}\n\n{"pid": "1", "response": "b"}\n',
-            ["line 3", "duplicate"],
-        ),
-        (
-            "eval",
-            '{"sample_id": "1", "text": "7"}\n{"sample_id": "2"}\n',
-            ["eval_responses.jsonl", "line 2", "'text'"],
-        ),
-        (
-            "eval",
-            '{"sample_id": "1", "text": "7"}\n[1]\n',
-            ["eval_responses.jsonl", "line 2", "JSON object"],
-        ),
+        ("responses", '{"pid": "1", "response": "a"}\n\n{"pid": "1", "response": "b"}\n', ["line 3", "duplicate"]),
+        ("eval", '{"sample_id": "1", "text": "7"}\n{"sample_id": "2"}\n', ["eval_responses.jsonl", "line 2", "'text'"]),
+        ("eval", '{"sample_id": "1", "text": "7"}\n[1]\n', ["eval_responses.jsonl", "line 2", "JSON object"]),
         (
             "data",
             '{"1": {"pid": "1", "answer": "7", "question_type": "free_form"}}',

@@ -1,10 +1,4 @@
-from evostar.dynamics import (
-    accuracy,
-    all_steps_correct_share,
-    distinct_share,
-    pass_at_k,
-    reward_pass_at_k,
-)
+from evostar.dynamics import accuracy, all_steps_correct_share, distinct_share, pass_at_k, reward_pass_at_k
 from evostar.records import Response
 from evostar.select import select
 

@@ -64,9 +64,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory):
     from evostar.train import Example, SFTTrainer
 
     work = tmp_path_factory.mktemp("vllm")
-    paths = build_gym(
-        work / "data", seed=0, n_seed=64, n_train=256, n_val=64, n_test_id=8, n_test_ood=8
-    )
+    paths = build_gym(work / "data", seed=0, n_seed=64, n_train=256, n_val=64, n_test_id=8, n_test_ood=8)
     init = build_tiny_qwen2_vl(gym_texts(work / "data"), work / "model_init", seed=0)
     io = VLMInputs(load_processor(init))
     seed = load_samples(paths["seed"])
@@ -87,26 +85,16 @@ def test_greedy_agrees_with_hf_after_weight_push(setup) -> None:
     from evostar.rollout.hf import generate as hf_generate
 
     work, init, io, model, _, val = setup
-    gen = get_backend(
-        "vllm", model_dir=init, dtype="float32", gpu_memory_utilization=0.25, enforce_eager=True
-    )
+    gen = get_backend("vllm", model_dir=init, dtype="float32", gpu_memory_utilization=0.25, enforce_eager=True)
     gen.build()
-    before = gen.generate(
-        io, val, temperature=0.0, max_new_tokens=48, progress=False
-    )  # untrained weights
-    hf = hf_generate(
-        model, io, val, temperature=0.0, max_new_tokens=48, batch_size=256, progress=False
-    )
+    before = gen.generate(io, val, temperature=0.0, max_new_tokens=48, progress=False)  # untrained weights
+    hf = hf_generate(model, io, val, temperature=0.0, max_new_tokens=48, batch_size=256, progress=False)
     after = gen(model, io, val, temperature=0.0, max_new_tokens=48)  # pushes the trained weights
     assert [r.sample_id for r in after] == [r.sample_id for r in hf] == [s.id for s in val]
     agree_before = sum(a.text == b.text for a, b in zip(before, hf, strict=True)) / len(hf)
     agree_after = sum(a.text == b.text for a, b in zip(after, hf, strict=True)) / len(hf)
-    (work / "agreement.json").write_text(
-        json.dumps({"before_push": agree_before, "after_push": agree_after})
-    )
-    print(
-        f"greedy agreement with HF: {agree_after:.2%} (engine before the weight push: {agree_before:.2%})"
-    )
+    (work / "agreement.json").write_text(json.dumps({"before_push": agree_before, "after_push": agree_after}))
+    print(f"greedy agreement with HF: {agree_after:.2%} (engine before the weight push: {agree_before:.2%})")
     assert agree_after >= 0.8
     assert agree_after > agree_before
     gen.close()
@@ -131,27 +119,13 @@ def test_sampling_order_and_throughput(setup) -> None:
     torch.manual_seed(1)
     again = gen(model, io, train, k=k, temperature=1.0, max_new_tokens=tokens)
     t0 = time.perf_counter()
-    hf = hf_generate(
-        model,
-        io,
-        train,
-        k=k,
-        temperature=1.0,
-        max_new_tokens=tokens,
-        batch_size=1024,
-        progress=False,
-    )
+    hf = hf_generate(model, io, train, k=k, temperature=1.0, max_new_tokens=tokens, batch_size=1024, progress=False)
     torch.cuda.synchronize()
     t_hf = time.perf_counter() - t0
     assert [r.sample_id for r in ours] == [r.sample_id for r in hf]
     assert [r.text for r in ours] == [r.text for r in again]  # per-request seeds: reproducible
     n = len(train) * k
-    result = {
-        "sequences": n,
-        "vllm_seq_per_s": n / t_vllm,
-        "hf_seq_per_s": n / t_hf,
-        "speedup": t_hf / t_vllm,
-    }
+    result = {"sequences": n, "vllm_seq_per_s": n / t_vllm, "hf_seq_per_s": n / t_hf, "speedup": t_hf / t_vllm}
     Path(work / "throughput.json").write_text(json.dumps(result))
     print(f"throughput ({n} sequences of <= {tokens} tokens): {result}")
     gen.close()

@@ -20,9 +20,7 @@ from evostar.records import ANSWER_MARKER, Response, Sample
 __all__ = ["answers_match", "extract_answer", "find_boxed", "reward_responses"]
 
 _ANSWER_IS = re.compile(r"answer\s+is\s*:?\s*(.+)", re.IGNORECASE)
-_ANSWER_PREFIX = re.compile(
-    r"^(?:the\s+)?(?:final\s+|correct\s+)?answer\s*(?:is\s*:?|:)\s*", re.IGNORECASE
-)
+_ANSWER_PREFIX = re.compile(r"^(?:the\s+)?(?:final\s+|correct\s+)?answer\s*(?:is\s*:?|:)\s*", re.IGNORECASE)
 _SENTENCE_END = re.compile(r"\.\s")
 _PLAIN_NUMBER = re.compile(r"^[+-]?(?:\d{1,3}(?:,\d{3})+|\d+)?(?:\.\d+)?(?:[eE][+-]?\d+)?$")
 _HAS_DIGIT = re.compile(r"\d")
@@ -190,12 +188,7 @@ def _free_form_match(pred: str, gold: str) -> bool:
 
 def _letter_index(s: str, n: int) -> int | None:
     """Index of a choice letter written as B, (B), B., B), (B) text, B. text, Option B."""
-    m = (
-        _BARE_LETTER.match(s)
-        or _PAREN_LETTER.match(s)
-        or _OPTION_LETTER.match(s)
-        or _LETTER_DOT_TEXT.match(s)
-    )
+    m = _BARE_LETTER.match(s) or _PAREN_LETTER.match(s) or _OPTION_LETTER.match(s) or _LETTER_DOT_TEXT.match(s)
     if not m:
         return None
     i = ord(m.group(1).upper()) - ord("A")
@@ -219,9 +212,7 @@ def _choice_index(ans: str, choices: list[str]) -> int | None:
     num = _plain_number(s)
     if num is not None:
         hits = [
-            j
-            for j, c in enumerate(choices)
-            if (cn := _plain_number(_clean(c))) is not None and _close(num[0], cn[0])
+            j for j, c in enumerate(choices) if (cn := _plain_number(_clean(c))) is not None and _close(num[0], cn[0])
         ]
         if len(hits) == 1:
             return hits[0]
@@ -251,9 +242,7 @@ def answers_match(pred: str | None, gold: str, choices: list[str] | None = None)
         return False
 
 
-def reward_responses(
-    samples_by_id: Mapping[str, Sample], responses: Iterable[Response]
-) -> list[Response]:
+def reward_responses(samples_by_id: Mapping[str, Sample], responses: Iterable[Response]) -> list[Response]:
     """Fill ``extracted`` and ``correct`` of each response in place; return them as a list.
 
     Responses to unlabeled samples get ``correct=None`` (unknown, not wrong). A response whose

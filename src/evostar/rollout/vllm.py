@@ -79,9 +79,7 @@ class VLLMGenerator:
         **llm_kwargs: Any,
     ) -> None:
         if sync not in ("weights", "reload"):
-            raise ValueError(
-                f"sync={sync!r}: choose weights (push the state dict) or reload (re-create)"
-            )
+            raise ValueError(f"sync={sync!r}: choose weights (push the state dict) or reload (re-create)")
         self.model_dir = None if model_dir is None else str(model_dir)
         self.dtype = dtype
         self.gpu_memory_utilization = gpu_memory_utilization
@@ -100,9 +98,7 @@ class VLLMGenerator:
         vllm = import_vllm()
         path = str(model_dir or self.model_dir or "")
         if not path or not (Path(path) / "config.json").exists():
-            raise FileNotFoundError(
-                f"vLLM backend: {path!r} is not a model directory (no config.json)"
-            )
+            raise FileNotFoundError(f"vLLM backend: {path!r} is not a model directory (no config.json)")
         self.close()
         kwargs = dict(self.llm_kwargs)
         seed = self.seed
@@ -198,10 +194,7 @@ class VLLMGenerator:
             for c in sorted(out.outputs, key=lambda c: c.index):
                 responses.append(
                     Response(
-                        sample_id=s.id,
-                        text=c.text.strip(),
-                        temperature=max(temperature, 0.0),
-                        iteration=iteration,
+                        sample_id=s.id, text=c.text.strip(), temperature=max(temperature, 0.0), iteration=iteration
                     )
                 )
         if self.sleep:
@@ -236,9 +229,15 @@ class VLLMGenerator:
                 self.build(self.model_dir or getattr(model, "name_or_path", None))
             self.update_weights(model)
         return self.generate(
-            io, samples, k=k, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
-            iteration=iteration, progress=progress,
-        )  # fmt: skip
+            io,
+            samples,
+            k=k,
+            temperature=temperature,
+            top_p=top_p,
+            max_new_tokens=max_new_tokens,
+            iteration=iteration,
+            progress=progress,
+        )
 
     def _save_for_reload(self, model: torch.nn.Module, io: VLMInputs) -> Path:
         if self.reload_dir is None:

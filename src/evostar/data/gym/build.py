@@ -12,15 +12,7 @@ import numpy as np
 
 from evostar.records import STEP_SEPARATOR, format_response
 
-from .tasks import (
-    DEFAULT_FAMILIES,
-    Problem,
-    generate_problems,
-    gold_answer,
-    gold_choices,
-    gold_steps,
-    question_text,
-)
+from .tasks import DEFAULT_FAMILIES, Problem, generate_problems, gold_answer, gold_choices, gold_steps, question_text
 
 SPLITS: dict[str, tuple[int, str, str, bool]] = {
     # split: (rng stream, digit/bar pool, style, with gold chain of thought)
@@ -39,16 +31,11 @@ def problem_record(problem: Problem, image_rel: str, *, with_rationale: bool) ->
     """A MathV360K-style record (plus ``choices`` and the ``gym`` ground truth)."""
     gym = problem.gym
     answer = gold_answer(gym)
-    gpt = (
-        format_response(STEP_SEPARATOR.join(gold_steps(gym)), answer) if with_rationale else answer
-    )
+    gpt = format_response(STEP_SEPARATOR.join(gold_steps(gym)), answer) if with_rationale else answer
     record: dict[str, Any] = {
         "id": problem.id,
         "image": image_rel,
-        "conversations": [
-            {"from": "human", "value": f"<image>\n{question_text(gym)}"},
-            {"from": "gpt", "value": gpt},
-        ],
+        "conversations": [{"from": "human", "value": f"<image>\n{question_text(gym)}"}, {"from": "gpt", "value": gpt}],
     }
     choices = gold_choices(gym)
     if choices is not None:
@@ -83,13 +70,7 @@ def build_gym(
     """
     out = Path(out_dir)
     (out / IMAGE_DIR).mkdir(parents=True, exist_ok=True)
-    sizes = {
-        "seed": n_seed,
-        "train": n_train,
-        "val": n_val,
-        "test_id": n_test_id,
-        "test_ood": n_test_ood,
-    }
+    sizes = {"seed": n_seed, "train": n_train, "val": n_val, "test_id": n_test_id, "test_ood": n_test_ood}
     paths: dict[str, Path] = {}
     for split, (stream, pool, style, with_rationale) in SPLITS.items():
         n = sizes[split]

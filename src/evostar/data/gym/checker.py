@@ -19,9 +19,7 @@ _NUM = r"(-?\d+)"
 _PERCEIVE_DIGIT = re.compile(rf"the (first|second|third) digit is {_NUM}\.?", re.IGNORECASE)
 _PERCEIVE_BAR = re.compile(rf"bar {_NUM} has height {_NUM}\.?", re.IGNORECASE)
 _ARITH = re.compile(rf"{_NUM}\s*([-+*×·−])\s*{_NUM}\s*=\s*{_NUM}\.?")
-_CONCLUDE = re.compile(
-    rf"the (largest|smallest) is {_NUM}, the (first|second|third) digit\.?", re.IGNORECASE
-)
+_CONCLUDE = re.compile(rf"the (largest|smallest) is {_NUM}, the (first|second|third) digit\.?", re.IGNORECASE)
 _OPS = {"+": "+", "-": "-", "−": "-", "*": "*", "×": "*", "·": "*"}
 _COMMUTATIVE = {"+", "*"}
 

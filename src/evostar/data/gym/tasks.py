@@ -19,15 +19,7 @@ from PIL import Image
 
 from evostar.records import STEP_SEPARATOR, Sample
 
-from .render import (
-    MAX_BAR_HEIGHT,
-    POOL_SEED,
-    BarStyle,
-    DigitStyle,
-    digit_pools,
-    render_bars,
-    render_digits,
-)
+from .render import MAX_BAR_HEIGHT, POOL_SEED, BarStyle, DigitStyle, digit_pools, render_bars, render_digits
 
 TEMPLATES: dict[str, tuple[str, ...]] = {
     "arith": ("a+b+c", "(a+b)*c", "a*b+c"),
@@ -62,10 +54,7 @@ def question_text(gym: dict[str, Any]) -> str:
         return f"{_DIGITS_INTRO} a, b, c from left to right. Compute {_ARITH_EXPR[template]}."
     if family == "compare":
         options = "\n".join(f"({LETTERS[i]}) {c}" for i, c in enumerate(COMPARE_CHOICES))
-        return (
-            f"{_DIGITS_INTRO} from left to right. Which digit is the {template}?\n"
-            f"Choices:\n{options}"
-        )
+        return f"{_DIGITS_INTRO} from left to right. Which digit is the {template}?\nChoices:\n{options}"
     if family == "bars":
         if template == "total":
             return f"{_BARS_INTRO} What is the total height of the three bars?"
