@@ -33,6 +33,7 @@ ranks) and, on rank 0, the step difference and both runs' metrics and checkpoint
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 import time
@@ -41,29 +42,46 @@ from pathlib import Path
 import torch
 import yaml
 
-from evostar.config import (
-    Config,
-    EvalConfig,
-    EvolveConfig,
-    GenerationConfig,
-    ModelConfig,
-    OptimConfig,
-)
+from evostar.config import Config, EvalConfig, EvolveConfig, GenerationConfig, ModelConfig, OptimConfig
+from evostar.context import RunContext
 from evostar.data.loaders import load_samples
-from evostar.distributed import (
-    DistributedSFTTrainer,
-    SharedRunDir,
-    assert_in_sync,
-    make_accelerator,
-    weights_digest,
-)
 from evostar.evolve import evolve
+from evostar.launch import make_accelerator
 from evostar.models.hub import full_weights, load_model, load_processor, save_model_and_processor
 from evostar.models.inputs import VLMInputs
 from evostar.models.lora import prepare_for_training
-from evostar.train import Example, SFTTrainer
+from evostar.rollout import make_rollout
+from evostar.rundir import SharedRunDir
+from evostar.train import DistributedSFTTrainer, Example, SFTTrainer
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """SHA-256 of every tensor of the state dict (names, dtypes, shapes and bytes)."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().to("cpu").contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def assert_in_sync(accelerator, model: torch.nn.Module) -> str:
+    """Raise unless every rank holds bitwise-identical weights; returns the digest."""
+    from accelerate.utils import gather_object
+
+    digest = weights_digest(model)
+    digests = gather_object([digest])
+    if len(set(digests)) != 1:
+        raise RuntimeError(f"ranks hold different weights: {digests}")
+    return digest
+
+
+def loop(acc, cfg: Config, run: SharedRunDir, model: torch.nn.Module, io: VLMInputs, train, val):
+    """`evolve.evolve` on `run`, restarting ReST-EM from `cfg.model.path`."""
+    ctx = RunContext(cfg, run, io, acc.device, acc, make_rollout(cfg), lambda *a, **k: None)
+    return evolve(ctx, model, train, val, Path(cfg.model.path))
 
 
 def launch_file(mode: str, kind: str, env_name) -> tuple[dict, bool]:
@@ -89,18 +107,14 @@ def fsdp_accelerator(mode: str):
     from accelerate.utils import DistributedType
 
     # fsdp_x: v -> FSDP_X=v, read by the plugin
-    launch, mixed = launch_file(
-        mode, "fsdp", lambda key: "FSDP_" + key.removeprefix("fsdp_").upper()
-    )
+    launch, mixed = launch_file(mode, "fsdp", lambda key: "FSDP_" + key.removeprefix("fsdp_").upper())
     if mixed:  # as `accelerate launch` passes it on
         os.environ["ACCELERATE_MIXED_PRECISION"] = launch["mixed_precision"]
     acc = make_accelerator(Config(device="cpu"))
     os.environ["ACCELERATE_USE_FSDP"] = "true"  # set before, it makes accelerate demand a GPU
     # as AcceleratorState does for an FSDP launch, on both shared states (a later
     # `AcceleratorState()` copies PartialState's values over its own)
-    acc.state.distributed_type = PartialState._shared_state["distributed_type"] = (
-        DistributedType.FSDP
-    )
+    acc.state.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP
     acc.state.fsdp_plugin = FullyShardedDataParallelPlugin()
     if mixed:  # what accelerate's state does for an FSDP launch with mixed precision
         acc.state.fsdp_plugin.set_mixed_precision(launch["mixed_precision"])
@@ -165,9 +179,7 @@ def loop_config(work: Path, out: Path, micro: int = 2) -> Config:
         device="cpu",
         progress=False,
         model=ModelConfig(path=str(work / "model_warm")),
-        gen=GenerationConfig(
-            k=4, temperature=1.0, max_new_tokens=8, batch_size=64, eval_batch_size=64
-        ),
+        gen=GenerationConfig(k=4, temperature=1.0, max_new_tokens=8, batch_size=64, eval_batch_size=64),
         evolve=EvolveConfig(
             iterations=2,
             interval=1.0,
@@ -181,15 +193,10 @@ def loop_config(work: Path, out: Path, micro: int = 2) -> Config:
 def checkpoint_digest(path: Path) -> dict:
     """Weights and optimizer state of a checkpoint folder, as digests and plain numbers."""
     model = load_model(path)
-    trainer = torch.load(path / "trainer.pt", weights_only=False)
+    trainer = torch.load(path / "trainer.pt", weights_only=True)
     opt = trainer["optimizer"]
     states = opt["deepspeed_adamw"] if "deepspeed_adamw" in opt else opt["state"]  # by name / id
-    moments = [
-        float(v.double().abs().sum())
-        for s in states.values()
-        for v in s.values()
-        if torch.is_tensor(v)
-    ]
+    moments = [float(v.double().abs().sum()) for s in states.values() for v in s.values() if torch.is_tensor(v)]
     from safetensors import safe_open
 
     with safe_open(str(path / "model.safetensors"), "pt") as f:
@@ -215,15 +222,8 @@ def main(work: Path, mode: str = "ddp") -> None:
     # DeepSpeed steps inside backward: one forward/backward per step (micro-batch 0)
     micro = 0 if mode.startswith("deepspeed") else 2
     rank, world = acc.process_index, acc.num_processes
-    assert world == 2, (
-        f"expected 2 processes, got {world} (launch with torchrun --nproc_per_node 2)"
-    )
-    out: dict = {
-        "rank": rank,
-        "world": world,
-        "seconds": {},
-        "distributed_type": str(acc.distributed_type),
-    }
+    assert world == 2, f"expected 2 processes, got {world} (launch with torchrun --nproc_per_node 2)"
+    out: dict = {"rank": rank, "world": world, "seconds": {}, "distributed_type": str(acc.distributed_type)}
     if mode.startswith("fsdp"):
         out["fsdp_version"] = acc.state.fsdp_plugin.fsdp_version
     t0 = time.perf_counter()
@@ -246,9 +246,7 @@ def main(work: Path, mode: str = "ddp") -> None:
 
     # 1. One DDP step vs one single-process step on the same global batch.
     t0 = time.perf_counter()
-    optim = OptimConfig(
-        lr=1e-3, batch_size=5, micro_batch_size=micro, schedule="constant", max_grad_norm=1.0
-    )
+    optim = OptimConfig(lr=1e-3, batch_size=5, micro_batch_size=micro, schedule="constant", max_grad_norm=1.0)
     examples = [Example(s, s.target) for s in train[:8]]
     model = load_model(work / "model_init")
     ddp = DistributedSFTTrainer(model, io, optim, accelerator=acc)
@@ -262,24 +260,16 @@ def main(work: Path, mode: str = "ddp") -> None:
         ref = SFTTrainer(ref_model, io, optim)
         ref_stats = ref.train(examples, 1, seed=123, progress=False)
         ref_sd = ref_model.state_dict()
-        diffs = [
-            float((v - ref_sd[k]).abs().max())
-            for k, v in model.state_dict().items()
-            if v.is_floating_point()
-        ]
+        diffs = [float((v - ref_sd[k]).abs().max()) for k, v in model.state_dict().items() if v.is_floating_point()]
         moved = [
             float((v - w).abs().max())
-            for (k, v), w in zip(
-                load_model(work / "model_init").state_dict().items(), ref_sd.values(), strict=True
-            )
+            for (k, v), w in zip(load_model(work / "model_init").state_dict().items(), ref_sd.values(), strict=True)
             if v.is_floating_point()
         ]
         # the distributed update against the reference update, as one vector over all weights
         init = load_model(work / "model_init").state_dict()
         sd = model.state_dict()
-        num = sum(
-            float(((sd[k] - init[k]) - (ref_sd[k] - init[k])).double().pow(2).sum()) for k in init
-        )
+        num = sum(float(((sd[k] - init[k]) - (ref_sd[k] - init[k])).double().pow(2).sum()) for k in init)
         den = sum(float((ref_sd[k] - init[k]).double().pow(2).sum()) for k in init)
         out["step"] = {
             "max_abs_diff": max(diffs),
@@ -309,17 +299,7 @@ def main(work: Path, mode: str = "ddp") -> None:
     t0 = time.perf_counter()
     cfg = loop_config(work, work / "run_a", micro)
     model = load_model(cfg.model.path)
-    model, state_a = evolve(
-        cfg,
-        SharedRunDir(cfg.output_dir, acc),
-        model,
-        processor,
-        io,
-        train,
-        val,
-        cfg.model.path,
-        accelerator=acc,
-    )
+    model, state_a = loop(acc, cfg, SharedRunDir(cfg.output_dir, acc), model, io, train, val)
     out["a_digest"] = assert_in_sync(acc, model)
     out["seconds"]["run_a"] = time.perf_counter() - t0
 
@@ -328,25 +308,13 @@ def main(work: Path, mode: str = "ddp") -> None:
     cfg = loop_config(work, work / "run_b", micro)
     model = load_model(cfg.model.path)
     try:
-        evolve(
-            cfg,
-            KilledAfter(Path(cfg.output_dir), acc, "iter_1"),
-            model,
-            processor,
-            io,
-            train,
-            val,
-            cfg.model.path,
-            accelerator=acc,
-        )
+        loop(acc, cfg, KilledAfter(Path(cfg.output_dir), acc, "iter_1"), model, io, train, val)
         raise AssertionError("run B was not killed")
     except Killed:
         pass
     model = load_model(cfg.model.path)
     run_b = SharedRunDir(cfg.output_dir, acc, resume=True)
-    model, state_b = evolve(
-        cfg, run_b, model, processor, io, train, val, cfg.model.path, accelerator=acc
-    )
+    model, state_b = loop(acc, cfg, run_b, model, io, train, val)
     out["b_digest"] = assert_in_sync(acc, model)
     out["seconds"]["run_b"] = time.perf_counter() - t0
 
@@ -372,10 +340,7 @@ def main(work: Path, mode: str = "ddp") -> None:
         cfg = loop_config(work, work / f"run_{loop_mode}", micro)
         cfg.evolve.mode = loop_mode
         model = load_model(cfg.model.path)
-        model, state = evolve(
-            cfg, SharedRunDir(cfg.output_dir, acc), model, processor, io, train, val,
-            cfg.model.path, accelerator=acc,
-        )  # fmt: skip
+        model, state = loop(acc, cfg, SharedRunDir(cfg.output_dir, acc), model, io, train, val)
         out[f"{loop_mode}_digest"] = assert_in_sync(acc, model)
         out[f"{loop_mode}_kept"] = [r["kept"] for r in state.history]
         out[f"{loop_mode}_optimizer_steps"] = [r["optimizer_step"] for r in state.history]
@@ -406,9 +371,7 @@ def main(work: Path, mode: str = "ddp") -> None:
     if acc.is_main_process:
 
         def records(state):
-            return [
-                {k: v for k, v in r.items() if not k.endswith("seconds")} for r in state.history
-            ]
+            return [{k: v for k, v in r.items() if not k.endswith("seconds")} for r in state.history]
 
         out["a_records"], out["b_records"] = records(state_a), records(state_b)
         out["a_checkpoint"] = checkpoint_digest(work / "run_a" / "checkpoints" / "iter_2")

@@ -48,11 +48,7 @@ def examples(tmp_path_factory: pytest.TempPathFactory) -> list[Example]:
     for i, response in enumerate(RESPONSES):
         path = root / f"img{i}.png"
         Image.fromarray(rng.integers(0, 256, (28, 84, 3), dtype=np.uint8)).save(path)
-        out.append(
-            Example(
-                Sample(id=f"s{i}", question=f"Sum of the digits? ({i})", image=str(path)), response
-            )
-        )
+        out.append(Example(Sample(id=f"s{i}", question=f"Sum of the digits? ({i})", image=str(path)), response))
     return out
 
 
@@ -61,12 +57,8 @@ def _train(checkpoint, io, examples, dtype=torch.float32, **optim):
     model = load_model(checkpoint, dtype=dtype)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     losses: list[float] = []
-    trainer = SFTTrainer(
-        model, io, OptimConfig(batch_size=len(examples), schedule="constant", **optim)
-    )
-    trainer.train(
-        examples, STEPS, seed=0, progress=False, on_step=lambda _, loss: losses.append(loss)
-    )
+    trainer = SFTTrainer(model, io, OptimConfig(batch_size=len(examples), schedule="constant", **optim))
+    trainer.train(examples, STEPS, seed=0, progress=False, on_step=lambda _, loss: losses.append(loss))
     return losses, before, dict(model.named_parameters())
 
 
@@ -117,7 +109,9 @@ def _reference_train(checkpoint, io, examples, lr):
     """The SFT step as written before `optim.autocast` existed (one micro-batch, constant LR)."""
     model = load_model(checkpoint).train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, betas=(0.9, 0.999), fused=True)  # as SFTTrainer on CPU
+    optimizer = torch.optim.AdamW(
+        params, lr=lr, weight_decay=0.0, betas=(0.9, 0.999), fused=True
+    )  # as SFTTrainer on CPU
     rng = np.random.default_rng(0)
     losses = []
     for _ in range(STEPS):
@@ -127,10 +121,7 @@ def _reference_train(checkpoint, io, examples, lr):
         n = int((labels[:, 1:] != -100).sum())
         logits = model(**batch).logits[:, :-1].float()
         loss_sum = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]),
-            labels[:, 1:].reshape(-1),
-            ignore_index=-100,
-            reduction="sum",
+            logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum"
         )
         (loss_sum / n).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -153,7 +144,7 @@ def test_distributed_trainer_autocast(checkpoint, io, examples, fp32_run, bf16_r
     accelerate = pytest.importorskip("accelerate")
     from accelerate.state import AcceleratorState
 
-    from evostar.distributed import DistributedSFTTrainer
+    from evostar.train import DistributedSFTTrainer
 
     single, _, w_single = bf16_run
     try:
@@ -162,9 +153,7 @@ def test_distributed_trainer_autocast(checkpoint, io, examples, fp32_run, bf16_r
         cfg = OptimConfig(lr=1e-3, batch_size=len(examples), schedule="constant", autocast="bf16")
         trainer = DistributedSFTTrainer(model, io, cfg, acc)
         losses: list[float] = []
-        trainer.train(
-            examples, STEPS, seed=0, progress=False, on_step=lambda _, loss: losses.append(loss)
-        )
+        trainer.train(examples, STEPS, seed=0, progress=False, on_step=lambda _, loss: losses.append(loss))
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
     assert losses == pytest.approx(single, rel=1e-5)

@@ -7,6 +7,7 @@ checks that `--resume` ends with exactly the numbers and weights of an uninterru
 import hashlib
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -21,9 +22,35 @@ pytestmark = pytest.mark.slow
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
-def demo_cmd(out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "evostar.cli", "demo", "--preset", "smoke", "--out", str(out), "--seed", "3",
-            "--no-progress", *extra]  # fmt: skip
+# A longer, finely checkpointed warm-up than the smoke preset's, so a kill can land in it.
+WARMUP = ["warmup.steps=40", "warmup.eval_every=5"]
+
+
+def demo_cmd(out: Path, *flags: str) -> list[str]:
+    cli = [sys.executable, "-m", "evostar.cli", "demo", "--preset", "smoke", "--out", str(out), "--seed", "3"]
+    return [*cli, "--no-progress", *flags, *WARMUP]
+
+
+def kill_when(cmd: list[str], ready, timeout: float = 300) -> None:
+    """Start `cmd` and SIGKILL it as soon as `ready()` is true."""
+    child = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while time.time() < deadline and child.poll() is None:
+        if ready():
+            child.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    child.wait(timeout=60)
+    assert child.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+
+
+def warmup_points(run: Path) -> int:
+    """Warm-up evaluations checkpointed so far (0 before the first, or once the warm-up is done)."""
+    try:
+        state = json.loads((run / "checkpoints" / "warmup_progress" / "state.json").read_text())
+    except (OSError, ValueError):
+        return 0
+    return len(state["curve"])
 
 
 def weights_digest(run: Path) -> str:
@@ -39,7 +66,7 @@ def comparable(summary: dict) -> dict:
     """Everything but timings and paths."""
     drop = {"wall_seconds", "process_seconds", "stage_seconds", "run_dir", "resumed", "model"}
     out = {k: v for k, v in summary.items() if k not in drop}
-    out["iterations"] = [{k: v for k, v in it.items() if k != "seconds"} for it in summary["iterations"]]
+    out["iterations"] = [{k: v for k, v in it.items() if not k.endswith("seconds")} for it in summary["iterations"]]
     out["warmup"] = {k: v for k, v in summary["warmup"].items() if k != "seconds"}
     return out
 
@@ -65,23 +92,15 @@ def test_demo_runs_and_resume_after_sigkill_is_exact(tmp_path):
     samples = [json.loads(line) for line in (full / "samples" / "iter_002.jsonl").read_text().splitlines()]
     assert len(samples) == 17 * 4 and {"text", "correct", "steps_correct"} <= set(samples[0])
     stages = [json.loads(line)["stage"] for line in (full / "metrics.jsonl").read_text().splitlines()]
-    assert stages.count("warmup_curve") == 2 and {"iter_1", "iter_2", "iter_3", "final"} <= set(stages)
+    assert stages.count("warmup_curve") == 8 and {"iter_1", "iter_2", "iter_3", "final"} <= set(stages)
     ckpt = full / "checkpoints" / "iter_3"
-    assert {"model.safetensors", "config.json", "trainer.pt", "rng.pt", "state.json"} <= {p.name for p in ckpt.iterdir()}
+    assert {"model.safetensors", "config.json", "trainer.pt", "state.json"} <= {p.name for p in ckpt.iterdir()}
     assert json.loads((ckpt / "state.json").read_text())["cursor"] == 51
 
     # Kill a second run with SIGKILL once iteration 1 is on disk, then resume it.
     killed = tmp_path / "killed"
-    child = subprocess.Popen(demo_cmd(killed), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline and child.poll() is None:
-        progress = killed / "progress.json"
-        if progress.exists() and "iter_1" in progress.read_text():
-            child.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.05)
-    child.wait(timeout=60)
-    assert child.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    progress = killed / "progress.json"
+    kill_when(demo_cmd(killed), lambda: progress.exists() and "iter_1" in progress.read_text())
     assert not (killed / "summary.json").exists()
 
     resumed = subprocess.run(demo_cmd(killed, "--resume"), env=ENV, capture_output=True, text=True, timeout=600)
@@ -101,3 +120,43 @@ def test_refuses_to_overwrite_a_run_without_resume(tmp_path):
     proc = subprocess.run(demo_cmd(out), env=ENV, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "--resume" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_warmup_killed_at_random_points_resumes_from_its_checkpoints(tmp_path):
+    """SIGKILL twice at random points of the warm-up (between or during its checkpoint writes),
+    resume each time: the resumed warm-up starts from its last checkpoint, not from step 0, and the
+    run ends with the summary and weights of an uninterrupted one."""
+    full = tmp_path / "full"
+    proc = subprocess.run(demo_cmd(full), env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rng = random.Random()
+    first, second = sorted(rng.sample(range(1, 8), 2))
+    delays = [rng.uniform(0, 0.3) for _ in range(2)]
+    print(f"kill after {first} and {second} warm-up checkpoints, +{delays[0]:.2f} s / +{delays[1]:.2f} s")
+    killed = tmp_path / "killed"
+
+    def after(n: int, delay: float):
+        seen: list[float] = []
+
+        def ready() -> bool:
+            if warmup_points(killed) >= n and not seen:
+                seen.append(time.time())
+            return bool(seen) and time.time() >= seen[0] + delay
+
+        return ready
+
+    kill_when(demo_cmd(killed), after(first, delays[0]))
+    assert warmup_points(killed) >= first  # what the resume starts from
+    kill_when(demo_cmd(killed, "--resume"), after(second, delays[1]))
+    assert warmup_points(killed) >= second
+    resumed = subprocess.run(demo_cmd(killed, "--resume"), env=ENV, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert comparable(json.loads((killed / "summary.json").read_text())) == comparable(
+        json.loads((full / "summary.json").read_text())
+    )
+    assert weights_digest(killed) == weights_digest(full)
+    assert not (killed / "checkpoints" / "warmup_progress").exists()
+    lines = [json.loads(line) for line in (killed / "metrics.jsonl").read_text().splitlines()]
+    full_lines = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()]
+    curve = [m["step"] for m in lines if m["stage"] == "warmup_curve"]
+    assert curve == [m["step"] for m in full_lines if m["stage"] == "warmup_curve"] == list(range(5, 45, 5))

@@ -26,12 +26,7 @@ from evostar.config import load_config
 from evostar.models.tiny import TinyModelSpec, build_tiny_qwen2_vl
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
-ENV = {
-    **os.environ,
-    "HF_HUB_OFFLINE": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-    "OMP_NUM_THREADS": "1",
-}
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -75,10 +70,7 @@ def _records(root: Path, split: str, n: int, seed: int, with_cot: bool) -> list[
             {
                 "id": f"{split}-{i:03d}",
                 "image": rel,
-                "conversations": [
-                    {"from": "human", "value": f"<image>\n{question}"},
-                    {"from": "gpt", "value": gpt},
-                ],
+                "conversations": [{"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": gpt}],
             }
         )
     (root / f"{split}.json").write_text(json.dumps(out, indent=1))
@@ -96,15 +88,10 @@ def test_evolve_cli_on_real_format_data(tmp_path):
         "test": _records(data, "test", 6, seed=4, with_cot=False),
     }
     texts = ["user\nassistant\n", "# Answer\n\n"] + [
-        turn["value"].replace("<image>\n", "")
-        for recs in splits.values()
-        for r in recs
-        for turn in r["conversations"]
+        turn["value"].replace("<image>\n", "") for recs in splits.values() for r in recs for turn in r["conversations"]
     ]
     model_dir = build_tiny_qwen2_vl(
-        texts,
-        tmp_path / "model",
-        TinyModelSpec(vocab_size=384, num_layers=2, hidden_size=64, intermediate_size=256),
+        texts, tmp_path / "model", TinyModelSpec(vocab_size=384, num_layers=2, hidden_size=64, intermediate_size=256)
     )
     run = tmp_path / "run"
     cfg = {
@@ -120,18 +107,8 @@ def test_evolve_cli_on_real_format_data(tmp_path):
             "test": {"test": str(data / "test.json")},
             "seed_cot": str(data / "seed.json"),
         },
-        "gen": {
-            "k": 2,
-            "temperature": 1.0,
-            "max_new_tokens": 20,
-            "batch_size": 64,
-            "eval_batch_size": 64,
-        },
-        "warmup": {
-            "steps": 80,
-            "eval_every": 40,
-            "optim": {"lr": 3e-3, "batch_size": 12, "schedule": "constant"},
-        },
+        "gen": {"k": 2, "temperature": 1.0, "max_new_tokens": 20, "batch_size": 64, "eval_batch_size": 64},
+        "warmup": {"steps": 80, "eval_every": 40, "optim": {"lr": 3e-3, "batch_size": 12, "schedule": "constant"}},
         "evolve": {
             "iterations": 2,
             "interval": 0.5,
@@ -145,7 +122,8 @@ def test_evolve_cli_on_real_format_data(tmp_path):
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
 
     proc = subprocess.run(
-        [sys.executable, "-m", "evostar.cli", "evolve", "--config", str(tmp_path / "cfg.yaml")],
+        # the override also checks that the CLI takes the wsd schedule the trainer has
+        [sys.executable, "-m", "evostar.cli", "evolve", "--config", str(tmp_path / "cfg.yaml"), "warmup.optim.schedule=wsd"],
         env=ENV,
         capture_output=True,
         text=True,
@@ -155,15 +133,13 @@ def test_evolve_cli_on_real_format_data(tmp_path):
 
     # summary.json: every stage's accuracy on the test split, and one record per iteration.
     summary = json.loads((run / "summary.json").read_text())
-    assert (
-        summary["mode"] == "continuous"
-        and summary["seed"] == 0
-        and summary["model"] == str(model_dir)
-    )
+    assert summary["mode"] == "continuous" and summary["seed"] == 0 and summary["model"] == str(model_dir)
     for stage in ("base", "warmup", "final"):
         assert 0.0 <= summary["accuracy"][stage]["test"] <= 1.0
     assert set(summary["stage_seconds"]) >= {"base_eval", "warmup", "evolve", "final_eval"}
     assert summary["warmup"]["best_step"] in (40, 80) and len(summary["warmup"]["curve"]) == 2
+    first, last = summary["warmup"]["curve"]
+    assert first["lr"] == pytest.approx(3e-3) and last["lr"] < first["lr"] / 5  # wsd: held, then decayed
     its = summary["iterations"]
     assert [it["iteration"] for it in its] == [1, 2]
     for it in its:
@@ -171,33 +147,18 @@ def test_evolve_cli_on_real_format_data(tmp_path):
         assert 0.0 <= it["val_accuracy"] <= 1.0 and 0.0 <= it["val_pass_at_k"] <= 1.0
         assert it["kept_steps_all_correct"] is None  # no gym ground truth in real data
     assert summary["steps_all_correct"]["final"]["test"] is None
-    assert sum(it["kept"] for it in its) > 0, (
-        its
-    )  # the warm-up taught the format: something was kept
+    assert sum(it["kept"] for it in its) > 0, its  # the warm-up taught the format: something was kept
 
     # Run directory layout.
-    assert (
-        (run / "config.yaml").is_file()
-        and (run / "metrics.jsonl").is_file()
-        and (run / "progress.json").is_file()
-    )
-    samples = [
-        json.loads(line) for line in (run / "samples" / "iter_001.jsonl").read_text().splitlines()
-    ]
-    assert len(samples) == 24 and {s["sample_id"] for s in samples} <= {
-        r["id"] for r in splits["train"]
-    }
+    assert (run / "config.yaml").is_file() and (run / "metrics.jsonl").is_file() and (run / "progress.json").is_file()
+    samples = [json.loads(line) for line in (run / "samples" / "iter_001.jsonl").read_text().splitlines()]
+    assert len(samples) == 24 and {s["sample_id"] for s in samples} <= {r["id"] for r in splits["train"]}
     assert all(s["correct"] in (True, False) and s["steps_correct"] is None for s in samples)
-    assert sorted(p.name for p in (run / "samples").iterdir()) == [
-        "iter_001.jsonl",
-        "iter_002.jsonl",
-    ]
+    assert sorted(p.name for p in (run / "samples").iterdir()) == ["iter_001.jsonl", "iter_002.jsonl"]
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["final", "iter_2", "warmup"]
     final = run / "checkpoints" / "final"
     assert (final / "config.json").is_file() and (final / "model.safetensors").is_file()
-    stages = {
-        json.loads(line)["stage"] for line in (run / "metrics.jsonl").read_text().splitlines()
-    }
+    stages = {json.loads(line)["stage"] for line in (run / "metrics.jsonl").read_text().splitlines()}
     assert {"base", "warmup", "iter_1", "iter_2", "final"} <= stages
 
     # `evostar eval` on the final checkpoint prints accuracy JSON.
@@ -225,9 +186,7 @@ def test_evolve_cli_on_real_format_data(tmp_path):
     result = json.loads(proc.stdout[proc.stdout.index("{") :])
     metrics = result[str(data / "test.json")]
     assert metrics["n"] == 6 and 0.0 <= metrics["accuracy"] <= 1.0
-    assert metrics["accuracy"] == pytest.approx(
-        summary["accuracy"]["final"]["test"]
-    )  # same greedy decode
+    assert metrics["accuracy"] == pytest.approx(summary["accuracy"]["final"]["test"])  # same greedy decode
     assert len((tmp_path / "responses.jsonl").read_text().splitlines()) == 6
 
 
@@ -241,7 +200,7 @@ def test_recipes_load_with_real_keys(recipe):
     assert cfg.model.path and cfg.data.train and cfg.data.val and cfg.data.test
     assert cfg.gen.backend == "vllm" and cfg.gen.k == 16 and cfg.gen.temperature == 1.0
     assert cfg.evolve.mode == "continuous" and cfg.evolve.interval == 0.25
-    assert cfg.evolve.selection == "top_k" and cfg.evolve.optim.schedule == "constant"
+    assert cfg.evolve.selection == "all" and cfg.evolve.optim.schedule == "constant"
     assert cfg.evolve.optim.batch_size == 128 and cfg.model.gradient_checkpointing
     if cfg.model.lora_r == 0:
         assert cfg.evolve.optim.lr == 1e-6 and cfg.model.dtype == "float32"  # fp32 master weights
@@ -250,7 +209,4 @@ def test_recipes_load_with_real_keys(recipe):
 
 
 def test_recipe_set():
-    assert {p.name for p in RECIPES} >= {
-        "qwen2vl_2b_mathv360k_1gpu.yaml",
-        "qwen2vl_7b_mathv360k_fsdp_8gpu.yaml",
-    }
+    assert {p.name for p in RECIPES} >= {"qwen2vl_2b_mathv360k_1gpu.yaml", "qwen2vl_7b_mathv360k_fsdp_8gpu.yaml"}

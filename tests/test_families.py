@@ -11,17 +11,18 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tiny_families import FAMILIES, build_tiny
 
-from evostar.config import Config, EvalConfig, EvolveConfig, GenerationConfig, OptimConfig
+from evostar.config import Config, EvalConfig, EvolveConfig, GenerationConfig, ModelConfig, OptimConfig
+from evostar.context import open_run
 from evostar.data.gym import build_gym
 from evostar.data.loaders import load_samples
 from evostar.evolve import evolve
-from evostar.models.families import FAMILIES, build_tiny
 from evostar.models.hub import load_model, load_processor, save_model_and_processor
 from evostar.models.inputs import IGNORE_INDEX, VLMInputs
 from evostar.records import Sample
 from evostar.rollout.hf import generate
-from evostar.rundir import RunDir, read_jsonl
+from evostar.rundir import read_jsonl
 from evostar.train import Example, SFTTrainer
 
 MAX_NEW = 8
@@ -142,14 +143,14 @@ def test_one_self_evolving_iteration(checkpoint: Path, gym, tmp_path: Path) -> N
     cfg = Config(
         output_dir=str(tmp_path / "run"),
         progress=False,
+        model=ModelConfig(path=str(checkpoint)),
         gen=GenerationConfig(k=2, max_new_tokens=MAX_NEW, batch_size=64, eval_batch_size=64),
         evolve=EvolveConfig(iterations=1, steps_per_iteration=2, interval=1.0, optim=OptimConfig(batch_size=4)),
         eval=EvalConfig(pass_k=0),
     )
-    processor = load_processor(checkpoint)
-    model, io = load_model(checkpoint), VLMInputs(processor)
-    run = RunDir(cfg.output_dir)
-    evolve(cfg, run, model, processor, io, gym["train"], gym["val"], init_dir=checkpoint)
+    ctx = open_run(cfg)
+    run = ctx.run
+    evolve(ctx, load_model(checkpoint), gym["train"], gym["val"], init_dir=checkpoint)
     assert (run.checkpoint_dir("iter_1") / "config.json").exists()
     assert "iter_1" in json.loads((run.root / "progress.json").read_text())["completed"]
     assert len(read_jsonl(run.root / "samples" / "iter_001.jsonl")) == len(gym["train"]) * 2

@@ -17,9 +17,10 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning"),
 ]
 
+from tiny_families import FAMILIES, build_tiny  # noqa: E402
+
 from evostar.config import OptimConfig  # noqa: E402
 from evostar.models import lora  # noqa: E402
-from evostar.models.families import FAMILIES, build_tiny  # noqa: E402
 from evostar.models.hub import load_model, load_processor, save_model_and_processor  # noqa: E402
 from evostar.models.inputs import VLMInputs  # noqa: E402
 from evostar.models.tiny import build_tiny_qwen2_vl  # noqa: E402
@@ -75,9 +76,7 @@ def _greedy_ids(model: torch.nn.Module, io: VLMInputs, examples: list[Example]) 
     which would make a text comparison vacuous."""
     batch = io.collate_prompts([e.sample for e in examples])
     with torch.no_grad():
-        out = model.generate(
-            **batch, do_sample=False, max_new_tokens=12, min_new_tokens=12, pad_token_id=io.pad_id
-        )
+        out = model.generate(**batch, do_sample=False, max_new_tokens=12, min_new_tokens=12, pad_token_id=io.pad_id)
     return out[:, batch["input_ids"].shape[1] :].tolist()
 
 

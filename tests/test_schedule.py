@@ -45,6 +45,6 @@ def test_warmup_and_state_round_trip():
     assert other.optimizer.param_groups[0]["lr"] == sched.optimizer.param_groups[0]["lr"]
 
 
-def test_unknown_schedule():
-    with pytest.raises(ValueError, match="unknown schedule"):
+def test_unknown_schedule_is_refused_by_the_config():
+    with pytest.raises(ValueError, match="schedule='step': choose one of"):
         ProgressSchedule(_opt(), OptimConfig(schedule="step"))

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from evostar.config import Config, load_config, to_dict
+from evostar.config import Config, build_config
 from evostar.rundir import RunDir
 
 # Arithmetic-heavy: its steps are where a tiny model's reasoning goes wrong, and a right answer
@@ -24,13 +25,10 @@ from evostar.rundir import RunDir
 GYM_FAMILIES = (("arith", 0.9), ("compare", 0.05), ("bars", 0.05))
 
 # Shared by the presets. The warm-up runs at a constant LR and keeps its best validation
-# checkpoint (a decaying LR flattened the validation curve early only because the LR had run
-# out). At weight decay 0.1 its validation accuracy stops rising by ~1,500 steps (2,000-step runs
-# on 3 seeds: steps 1,600-2,000 add at most 1.2 points); weight decay 1.0 keeps improving to
-# ~3,000 steps and ends higher, which this budget cannot fit (README). The loop samples K=4 at T=1.0
-# from a bf16 copy of the policy in two single-thread processes; its peak LR is low because the
-# memorised warm-up model is fragile (a fresh AdamW at 5e-4 costs it ~8 validation points even
-# on the gold seed set).
+# checkpoint (a decaying LR flattens the validation curve early only because the LR runs out);
+# its length is at the plateau of this recipe (docs/experiments.md). The loop samples K=4 at
+# T=1.0 from a bf16 copy of the policy in two single-thread processes; its peak LR is low because
+# the memorised warm-up model is fragile.
 _WARMUP = {"optim": {"schedule": "constant", "weight_decay": 0.1}}
 _GEN = {"k": 4, "temperature": 1.0, "max_new_tokens": 48, "workers": 2, "rollout_dtype": "bfloat16"}
 _EVOLVE_OPTIM = {"lr": 2e-4, "weight_decay": 0.0}
@@ -48,37 +46,52 @@ PRESETS: dict[str, dict[str, Any]] = {
         },
     },
     "quick": {
-        "gym": {"n_seed": 300, "n_train": 2000, "n_val": 150, "n_test_id": 250, "n_test_ood": 250, "ood_style_strength": 0.5},
+        "gym": {
+            "n_seed": 300,
+            "n_train": 2000,
+            "n_val": 150,
+            "n_test_id": 250,
+            "n_test_ood": 250,
+            "ood_style_strength": 0.5,
+        },
         "config": {
             # Too short for the warm-up's plateau (~1,500 steps): part of this preset's gain is
             # what a longer warm-up would give too.
             "warmup": {"steps": 450, "eval_every": 150, **_WARMUP},
             "evolve": {"iterations": 5, "interval": 0.25, "optim": _EVOLVE_OPTIM},
             "gen": _GEN,
-            "eval": {"pass_k": 4, "pass_prompts": 48, "pass_temperature": -1.0},
+            "eval": {"pass_k": 4, "pass_prompts": 48, "pass_temperature": None},
         },
     },
     "default": {
-        "gym": {"n_seed": 300, "n_train": 4000, "n_val": 250, "n_test_id": 500, "n_test_ood": 500, "ood_style_strength": 0.5},
+        "gym": {
+            "n_seed": 300,
+            "n_train": 4000,
+            "n_val": 250,
+            "n_test_id": 500,
+            "n_test_ood": 500,
+            "ood_style_strength": 0.5,
+        },
         "config": {
             "warmup": {"steps": 1500, "eval_every": 250, **_WARMUP},
             "evolve": {"iterations": 6, "interval": 0.25, "optim": _EVOLVE_OPTIM},
             "gen": _GEN,
-            "eval": {"pass_k": 4, "pass_prompts": 64, "pass_temperature": -1.0},
+            "eval": {"pass_k": 4, "pass_prompts": 64, "pass_temperature": None},
         },
     },
 }
 
 
 def demo_config(preset: str, out: Path, seed: int, overrides: list[str]) -> Config:
-    from evostar.config import _deep_update, apply_overrides, from_dict
+    """The preset's config for a run in `out`, with `key=value` overrides on top."""
+    from evostar.config import ConfigError, deep_update
 
     if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+        raise ConfigError(f"--preset {preset!r}: choose one of {sorted(PRESETS)}")
     data_dir = out / "data"
-    base = to_dict(Config())
-    _deep_update(base, PRESETS[preset]["config"])
-    _deep_update(
+    base: dict[str, Any] = {}
+    deep_update(base, PRESETS[preset]["config"])
+    deep_update(
         base,
         {
             "output_dir": str(out),
@@ -93,8 +106,7 @@ def demo_config(preset: str, out: Path, seed: int, overrides: list[str]) -> Conf
             },
         },
     )
-    apply_overrides(base, overrides)
-    return from_dict(Config, base)
+    return build_config(base, overrides)
 
 
 def gym_texts(data_dir: Path) -> list[str]:
@@ -107,9 +119,16 @@ def gym_texts(data_dir: Path) -> list[str]:
 
 
 def run_demo(
-    preset: str, out: Path, seed: int = 0, resume: bool = False, progress: bool = True, overrides: list[str] = ()
+    preset: str,
+    out: Path,
+    seed: int = 0,
+    resume: bool = False,
+    progress: bool = True,
+    overrides: Sequence[str] = (),
+    console: Any = None,
 ) -> dict[str, Any]:
-    from evostar.cli import console
+    """Build the gym and a tiny Qwen2-VL in `out`, then run the whole recipe on them."""
+    from evostar.context import check_same_run
     from evostar.data.gym import build_gym
     from evostar.models.tiny import build_tiny_qwen2_vl
     from evostar.pipeline import run_experiment
@@ -119,11 +138,14 @@ def run_demo(
     cfg.progress = progress
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    if resume:
+        check_same_run(out, cfg)
     run = RunDir(out, resume=resume)
     stage_seconds = dict(run.result("setup") or {})
     if not run.done("setup"):
         t0 = time.perf_counter()
-        console.print(f"[bold]evostar demo[/] preset={preset} seed={seed} → {out}")
+        if console is not None:
+            console.print(f"[bold]evostar demo[/] preset={preset} seed={seed} → {out}")
         build_gym(out / "data", seed=seed, families=GYM_FAMILIES, **PRESETS[preset]["gym"])
         stage_seconds["gym"] = time.perf_counter() - t0
         t0 = time.perf_counter()
@@ -134,6 +156,3 @@ def run_demo(
     return run_experiment(
         cfg, resume=True, extra={"preset": preset, "stage_seconds": stage_seconds, "resumed": resume}, console=console
     )
-
-
-__all__ = ["PRESETS", "demo_config", "run_demo", "load_config"]

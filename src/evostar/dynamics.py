@@ -6,8 +6,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from evostar.records import Response
-from evostar.select import group_by_sample
+from evostar.records import Response, group_by_sample
 
 
 def accuracy(responses: Sequence[Response]) -> float:

@@ -9,33 +9,24 @@ iterative RFT re-creates them every iteration; ReST-EM also restarts from the in
 
 from __future__ import annotations
 
-import functools
 import math
 import time
-from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from evostar.config import Config
-from evostar.distributed import generate_sharded, make_trainer
+from evostar.config import Config, EvolveConfig
+from evostar.context import RunContext
 from evostar.dynamics import accuracy, all_steps_correct_share, distinct_share, pass_at_k
 from evostar.evaluate import evaluate, evaluate_pass_at_k, score
 from evostar.models.hub import load_policy
-from evostar.models.inputs import VLMInputs
 from evostar.records import Response, Sample
-from evostar.rollout import make_rollout
-from evostar.rundir import RunDir, stage_seed, write_jsonl
+from evostar.rundir import stage_seed
 from evostar.select import select
-from evostar.train import Example
-
-if TYPE_CHECKING:
-    from accelerate import Accelerator
-
-MODES = ("continuous", "iterative_rft", "rest_em")
+from evostar.train import Example, SFTTrainer, make_trainer
 
 
 @dataclass
@@ -49,14 +40,59 @@ class LoopState:
     history: list[dict] = field(default_factory=list)
 
 
+def evolve(
+    ctx: RunContext, model: torch.nn.Module, train: list[Sample], val: list[Sample], init_dir: Path | None
+) -> tuple[torch.nn.Module, LoopState]:
+    """Run (or resume) `cfg.evolve.iterations` iterations; the trained model and the loop state."""
+    cfg, ev = ctx.cfg, ctx.cfg.evolve
+    model, trainer, state = start_or_resume(ctx, model)
+    for it in range(state.iteration + 1, ev.iterations + 1):
+        clock = Clock()
+        prompts = next_slice(train, state.cursor, slice_size(len(train), ev.interval), cfg.seed)
+        # Generate: K responses for each prompt of the next slice, at the loop's temperature.
+        with clock("generate"):
+            responses = ctx.sample(model, prompts, state.temperature, seed=stage_seed(cfg.seed, "generate", it), it=it)
+        # Reward: final-answer match (and the gym's step truth, for monitoring only).
+        score(prompts, responses)
+        # Select: the correct responses to learn from, by the configured strategy.
+        kept = select_kept(responses, ev, seed=stage_seed(cfg.seed, "select", it))
+        # Improve: SFT on the kept responses (after the mode's restart, if any).
+        model, trainer = restart_for_mode(ctx, model, trainer, init_dir)
+        with clock("train"):
+            stats = improve(trainer, sft_examples(prompts, kept), it, cfg)
+        # Monitor: greedy accuracy and Pass@K on the validation split.
+        monitor = validate(ctx, model, val, state.temperature, it)
+        # Checkpoint: weights, optimizer, loop state and samples; only then is the iteration done.
+        record = iteration_record(it, prompts, responses, kept, stats, monitor, trainer, state, clock)
+        state.iteration, state.cursor = it, state.cursor + len(prompts)
+        state.history.append(record)
+        save_iteration(ctx, model, trainer, state, responses)
+    return model, state
+
+
+# --------------------------------------------------------------------------------- the steps
+def start_or_resume(ctx: RunContext, model: torch.nn.Module) -> tuple[torch.nn.Module, SFTTrainer, LoopState]:
+    """A fresh loop on `model`, or the weights, optimizer and state of the last finished iteration."""
+    cfg, run = ctx.cfg, ctx.run
+    state = LoopState(temperature=cfg.gen.temperature)
+    done = [i for i in range(1, cfg.evolve.iterations + 1) if run.done(f"iter_{i}")]
+    last = f"iter_{done[-1]}" if done else None
+    if last:
+        model = load_policy(cfg.model, run.checkpoint_dir(last), device=model.device)
+        state = LoopState(**run.load_state(last))
+    trainer = make_trainer(model, ctx.io, cfg.evolve.optim, ctx.accelerator)  # [distributed]
+    if last and (saved := run.load_trainer_state(last)) is not None:
+        trainer.load_state_dict(saved)
+    return model, trainer, state
+
+
 def next_slice(train: list[Sample], cursor: int, size: int, seed: int) -> list[Sample]:
     """Prompts [cursor, cursor+size) of the run's prompt stream: one shuffled pass after another."""
     n = len(train)
     out = []
     for pos in range(cursor, cursor + size):
         epoch, i = divmod(pos, n)
-        order = _epoch_order(n, seed, epoch)
-        out.append(train[order[i]])
+        out.append(train[_epoch_order(n, seed, epoch)[i]])
     return out
 
 
@@ -70,7 +106,44 @@ def _epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
     return _ORDERS[key]
 
 
-def sft_steps(n_examples: int, ev) -> int:
+def slice_size(n_train: int, interval: float) -> int:
+    """Prompts per iteration: the `interval` share of the training prompts."""
+    return max(1, math.ceil(interval * n_train))
+
+
+def restart_for_mode(
+    ctx: RunContext, model: torch.nn.Module, trainer: SFTTrainer, init_dir: Path | None
+) -> tuple[torch.nn.Module, SFTTrainer]:
+    """ReST-EM restarts from the initial model with a new optimizer; iterative RFT gets a new
+    optimizer; continuous self-evolving keeps both."""
+    cfg = ctx.cfg
+    if cfg.evolve.mode == "rest_em":
+        model = load_policy(cfg.model, init_dir, device=model.device)
+        trainer = make_trainer(model, ctx.io, cfg.evolve.optim, ctx.accelerator)  # [distributed]
+    elif cfg.evolve.mode == "iterative_rft":
+        trainer.reset_optimizer()
+    return model, trainer
+
+
+def select_kept(responses: list[Response], ev: EvolveConfig, seed: int) -> list[Response]:
+    """`select` with the loop's selection settings."""
+    return select(responses, ev.selection, k=ev.select_k, threshold=ev.threshold, dedupe=ev.dedupe, seed=seed)
+
+
+def improve(trainer: SFTTrainer, examples: list[Example], it: int, cfg: Config) -> dict:
+    """SFT for iteration `it`: its share of the schedule, a seed of its own, steps by the data."""
+    ev = cfg.evolve
+    steps, seed = sft_steps(len(examples), ev), stage_seed(cfg.seed, "sft", it)
+    span = schedule_span(it, ev)
+    return trainer.train(examples, steps, seed=seed, desc=f"iter {it} sft", progress=cfg.progress, span=span)
+
+
+def sft_examples(prompts: list[Sample], kept: list[Response]) -> list[Example]:
+    by_id = {s.id: s for s in prompts}
+    return [Example(by_id[r.sample_id], r.text) for r in kept]
+
+
+def sft_steps(n_examples: int, ev: EvolveConfig) -> int:
     """Fixed `steps_per_iteration`, or enough steps for `epochs_per_iteration` passes."""
     if n_examples == 0:
         return 0
@@ -79,108 +152,85 @@ def sft_steps(n_examples: int, ev) -> int:
     return max(1, math.ceil(ev.epochs_per_iteration * n_examples / ev.optim.batch_size))
 
 
-def evolve(
-    cfg: Config,
-    run: RunDir,
-    model: torch.nn.Module,
-    processor,
-    io: VLMInputs,
-    train: list[Sample],
-    val: list[Sample],
-    init_dir: str | Path | None,
-    accelerator: Accelerator | None = None,
-    backend: Callable[..., list[Response]] | None = None,
-) -> tuple[torch.nn.Module, LoopState]:
-    # One process without an accelerator. With one, `run` is a `distributed.SharedRunDir`;
-    # rollouts are sharded and gathered, SFT batches split across ranks.
-    backend = backend or make_rollout(cfg)  # hf generate, a CPU worker pool or a vLLM engine
-    rollout = backend if accelerator is None else functools.partial(generate_sharded, accelerator, generate_fn=backend)
-    main_process = accelerator is None or accelerator.is_main_process
-    ev = cfg.evolve
-    if ev.mode not in MODES:
-        raise ValueError(f"evolve.mode {ev.mode!r}: choose one of {MODES}")
-    slice_size = max(1, math.ceil(ev.interval * len(train)))
-    state = LoopState(temperature=cfg.gen.temperature)
+def schedule_span(it: int, ev: EvolveConfig) -> tuple[float, float]:
+    """Continuous: iteration `it` is the slice [(it-1)/n, it/n] of one LR schedule over the run;
+    the other modes run the whole schedule every iteration."""
+    return ((it - 1) / ev.iterations, it / ev.iterations) if ev.mode == "continuous" else (0.0, 1.0)
 
-    done = [i for i in range(1, ev.iterations + 1) if run.done(f"iter_{i}")]
-    if done:  # resume: weights, optimizer, schedule and loop state of the last finished iteration
-        last = f"iter_{done[-1]}"
-        model = load_policy(cfg.model, run.checkpoint_dir(last), device=model.device)
-        state = LoopState(**run.load_state(last))
-    trainer = make_trainer(model, io, ev.optim, accelerator)  # [distributed]
-    if done and (saved := run.load_trainer_state(f"iter_{done[-1]}")) is not None:
-        trainer.load_state_dict(saved)
 
-    for it in range(state.iteration + 1, ev.iterations + 1):
+def validate(ctx: RunContext, model: torch.nn.Module, val: list[Sample], temperature: float, it: int) -> dict:
+    """Greedy accuracy on the validation split, and Pass@K at the configured temperature."""
+    cfg = ctx.cfg
+    metrics, _ = evaluate(model, ctx.io, val, cfg.gen, desc=f"iter {it} val", progress=cfg.progress)
+    val_pass = None
+    if cfg.eval.pass_k > 0:
+        torch.manual_seed(stage_seed(cfg.seed, "pass@k", it))
+        pass_val = val[: cfg.eval.pass_prompts] if cfg.eval.pass_prompts else val
+        pass_t = temperature if cfg.eval.pass_temperature is None else cfg.eval.pass_temperature
+        val_pass, _ = evaluate_pass_at_k(
+            model, ctx.io, pass_val, cfg.gen, cfg.eval.pass_k, pass_t, progress=cfg.progress
+        )
+    return {"val_accuracy": metrics["accuracy"], "val_pass_at_k": val_pass}
+
+
+class Clock:
+    """Seconds per named phase of an iteration, and since the iteration began."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str):
         t0 = time.perf_counter()
-        # Generate: K responses for each prompt of the next slice.
-        prompts = next_slice(train, state.cursor, slice_size, cfg.seed)
-        torch.manual_seed(stage_seed(cfg.seed, "generate", it))
-        responses = rollout(  # [distributed] rollout is `generate` without an accelerator
-            model, io, prompts, k=cfg.gen.k, temperature=state.temperature, top_p=cfg.gen.top_p,
-            max_new_tokens=cfg.gen.max_new_tokens, batch_size=cfg.gen.batch_size, iteration=it,
-            desc=f"iter {it} generate", progress=cfg.progress,
-        )  # fmt: skip
-        t_gen = time.perf_counter() - t0
-        # Reward: final-answer match (and the gym's step truth, for monitoring only).
-        score(prompts, responses)
-        # Select: correct responses, by the configured strategy.
-        kept = select(
-            responses, ev.selection, k=ev.select_k, threshold=ev.threshold, dedupe=ev.dedupe,
-            seed=stage_seed(cfg.seed, "select", it),
-        )  # fmt: skip
-        # Improve: SFT on the kept responses.
-        if ev.mode == "rest_em":
-            model = load_policy(cfg.model, init_dir, device=model.device)
-            trainer = make_trainer(model, io, ev.optim, accelerator)  # [distributed]
-        elif ev.mode == "iterative_rft":
-            trainer.reset_optimizer()
-        by_id = {s.id: s for s in prompts}
-        examples = [Example(by_id[r.sample_id], r.text) for r in kept]
-        t1 = time.perf_counter()
-        # Continuous: this iteration is the slice [(it-1)/n, it/n] of one schedule over the run.
-        span = ((it - 1) / ev.iterations, it / ev.iterations) if ev.mode == "continuous" else (0.0, 1.0)
-        stats = trainer.train(
-            examples, sft_steps(len(examples), ev), seed=stage_seed(cfg.seed, "sft", it),
-            desc=f"iter {it} sft", progress=cfg.progress, span=span,
-        )  # fmt: skip
-        t_train = time.perf_counter() - t1
-        # Monitor: greedy accuracy and Pass@K on the validation split.
-        val_metrics, _ = evaluate(model, io, val, cfg.gen, desc=f"iter {it} val", progress=cfg.progress)
-        val_pass = None
-        if cfg.eval.pass_k > 0:
-            torch.manual_seed(stage_seed(cfg.seed, "pass@k", it))
-            pass_val = val[: cfg.eval.pass_prompts] if cfg.eval.pass_prompts else val
-            pass_t = state.temperature if cfg.eval.pass_temperature < 0 else cfg.eval.pass_temperature
-            val_pass, _ = evaluate_pass_at_k(model, io, pass_val, cfg.gen, cfg.eval.pass_k, pass_t, progress=cfg.progress)
-        record = {
-            "iteration": it,
-            "prompts": len(prompts),
-            "responses": len(responses),
-            "kept": len(kept),
-            "train_accuracy": accuracy(responses),
-            "train_pass_at_k": pass_at_k(responses),
-            "distinct_share": distinct_share(responses),
-            "kept_steps_all_correct": all_steps_correct_share(kept),
-            "val_accuracy": val_metrics["accuracy"],
-            "val_pass_at_k": val_pass,
-            "temperature": state.temperature,
-            "sft_loss": stats["loss"],
-            "sft_steps": stats["steps"],
-            "sft_tokens": stats["tokens"],
-            "lr": trainer.lr,
-            "optimizer_step": trainer.step,
-            "generate_seconds": t_gen,
-            "train_seconds": t_train,
-            "seconds": time.perf_counter() - t0,
-        }
-        state.iteration, state.cursor = it, state.cursor + len(prompts)
-        state.history.append(record)
-        # Checkpoint, then mark the iteration finished: a kill before this line redoes it.
-        if main_process:  # [distributed] rank 0 writes the run directory
-            write_jsonl(run.root / "samples" / f"iter_{it:03d}.jsonl", [r.to_dict() for r in responses])
-        run.save_checkpoint(f"iter_{it}", model, processor, trainer.state_dict(), state.__dict__)
-        run.log(f"iter_{it}", **record)
-        run.finish(f"iter_{it}", record)
-        run.prune_checkpoints(keep=["warmup", f"iter_{it}"])
-    return model, state
+        yield
+        self.seconds[name] = time.perf_counter() - t0
+
+    def total(self) -> float:
+        return time.perf_counter() - self.start
+
+
+def iteration_record(
+    it: int,
+    prompts: list[Sample],
+    responses: list[Response],
+    kept: list[Response],
+    stats: dict,
+    monitor: dict,
+    trainer: SFTTrainer,
+    state: LoopState,
+    clock: Clock,
+) -> dict:
+    """The iteration's line of metrics.jsonl (and of the summary)."""
+    return {
+        "iteration": it,
+        "prompts": len(prompts),
+        "responses": len(responses),
+        "kept": len(kept),
+        "train_accuracy": accuracy(responses),
+        "train_pass_at_k": pass_at_k(responses),
+        "distinct_share": distinct_share(responses),
+        "kept_steps_all_correct": all_steps_correct_share(kept),
+        **monitor,
+        "temperature": state.temperature,
+        "sft_loss": stats["loss"],
+        "sft_steps": stats["steps"],
+        "sft_tokens": stats["tokens"],
+        "lr": trainer.lr,
+        "optimizer_step": trainer.step,
+        "generate_seconds": clock.seconds["generate"],
+        "train_seconds": clock.seconds["train"],
+        "seconds": clock.total(),
+    }
+
+
+def save_iteration(
+    ctx: RunContext, model: torch.nn.Module, trainer: SFTTrainer, state: LoopState, responses: list[Response]
+) -> None:
+    """Samples, checkpoint, then the iteration counts as finished: a kill before that redoes it."""
+    run, it, record = ctx.run, state.iteration, state.history[-1]
+    run.write_samples(it, [r.to_dict() for r in responses])
+    run.save_checkpoint(f"iter_{it}", model, ctx.processor, trainer.state_dict(), state.__dict__)
+    run.log(f"iter_{it}", **record)
+    run.finish(f"iter_{it}", record)
+    run.prune_checkpoints(keep=["warmup", f"iter_{it}"])

@@ -17,19 +17,27 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
+from evostar.data.loaders import load_samples
+from evostar.data.parse import DataError
 from evostar.models.inputs import VLMInputs
 from evostar.records import STEP_SEPARATOR, Response, Sample, split_steps
 from evostar.reward.answer import answers_match, extract_answer
 from evostar.rollout.hf import generate
+from evostar.rundir import atomic_write_text, dumps, stage_seed
+
+if TYPE_CHECKING:
+    from evostar.context import RunContext
 
 __all__ = [
     "HINT_TEMPLATE",
+    "hinted_warmup_set",
     "HINTED_ID_SUFFIX",
     "REASONS",
     "build_warmup_set",
@@ -84,9 +92,7 @@ def hinted_prompt(sample: Sample, template: str = HINT_TEMPLATE) -> Sample:
         raise ValueError(f"sample {sample.id!r} has no gold answer to hint")
     question = template.format(question=sample.question, answer=_shown_answer(sample))
     meta = {**sample.meta, "hinted_from": sample.id}
-    return dataclasses.replace(
-        sample, id=sample.id + HINTED_ID_SUFFIX, question=question, rationale=None, meta=meta
-    )
+    return dataclasses.replace(sample, id=sample.id + HINTED_ID_SUFFIX, question=question, rationale=None, meta=meta)
 
 
 def leaks_hint(text: str) -> bool:
@@ -120,9 +126,7 @@ def filter_hinted(
         sid = r.sample_id.removesuffix(HINTED_ID_SUFFIX)
         sample = by_id[sid]
         if sample.answer is None:
-            raise ValueError(
-                f"sample {sid!r} has no gold answer: hinted responses cannot be checked"
-            )
+            raise ValueError(f"sample {sid!r} has no gold answer: hinted responses cannot be checked")
         r.extracted = extract_answer(r.text)
         r.correct = answers_match(r.extracted, sample.answer, sample.choices)
         rationale = _rationale(r.text)
@@ -140,16 +144,9 @@ def filter_hinted(
         else:
             reason = "kept"
             new_id = sid if not seen else f"{sid}#{len(seen)}"
-            meta = {
-                **sample.meta,
-                "warmup": {"source": "hinted", "from": sid, "temperature": r.temperature},
-            }
+            meta = {**sample.meta, "warmup": {"source": "hinted", "from": sid, "temperature": r.temperature}}
             meta.pop("hinted_from", None)
-            out.append(
-                dataclasses.replace(
-                    sample, id=new_id, rationale=rationale, answer=sample.answer, meta=meta
-                )
-            )
+            out.append(dataclasses.replace(sample, id=new_id, rationale=rationale, answer=sample.answer, meta=meta))
             seen.add(rationale)
         counts[reason] += 1
     return out, counts
@@ -160,9 +157,7 @@ def pick_prompts(samples: Sequence[Sample], max_prompts: int, seed: int) -> list
     labeled = [s for s in samples if s.answer is not None]
     if max_prompts <= 0 or max_prompts >= len(labeled):
         return labeled
-    chosen = np.sort(
-        np.random.default_rng(seed).choice(len(labeled), size=max_prompts, replace=False)
-    )
+    chosen = np.sort(np.random.default_rng(seed).choice(len(labeled), size=max_prompts, replace=False))
     return [labeled[i] for i in chosen]
 
 
@@ -231,12 +226,55 @@ def warmup_records(samples: Sequence[Sample]) -> list[dict[str, Any]]:
         rec: dict[str, Any] = {
             "id": s.id,
             "image": s.image,
-            "conversations": [
-                {"from": "human", "value": human},
-                {"from": "gpt", "value": s.target},
-            ],
+            "conversations": [{"from": "human", "value": human}, {"from": "gpt", "value": s.target}],
         }
         if s.choices:
             rec["choices"] = s.choices
         records.append(rec)
     return records
+
+
+def hinted_warmup_set(ctx: RunContext, model: torch.nn.Module, train: Sequence[Sample]) -> list[Sample]:
+    """The run's warm-up set, generated with the gold answer in the prompt.
+
+    Written to RUN/warmup_set.json (MathV360K format) and read back on resume, so a resumed run
+    trains on exactly the same set. Targets never contain the hint: they are the original
+    prompts with the generated steps and the gold answer.
+    """
+    cfg, run = ctx.cfg, ctx.run
+    path = run.root / "warmup_set.json"
+    kept = None
+    if not run.done("hinted"):
+        t0 = time.perf_counter()
+        w = cfg.warmup
+        prompts = pick_prompts(train, w.hinted_max_prompts, seed=stage_seed(cfg.seed, "hinted-prompts"))
+        kept, stats = build_warmup_set(
+            model,
+            ctx.io,
+            prompts,
+            k=w.hinted_k,
+            temperature=w.hinted_temperature,
+            max_new_tokens=cfg.gen.max_new_tokens,
+            batch_size=cfg.gen.batch_size,
+            seed=stage_seed(cfg.seed, "hinted"),
+            keep_per_prompt=w.hinted_keep_per_prompt,
+            generate_fn=ctx.rollout,
+            progress=cfg.progress,
+        )
+        if not kept:
+            raise DataError(
+                f"the answer-hinted warm-up kept none of {stats['generated']} responses to "
+                f"{stats['prompts']} prompts (counts: {', '.join(f'{r} {stats[r]}' for r in REASONS)}): the "
+                "model does not write steps that reach the hinted answers. Give gold chains of thought "
+                "(data.seed_cot), change model.prompt_template, or set warmup.steps=0"
+            )
+        stats["seconds"] = time.perf_counter() - t0
+        if ctx.main:
+            atomic_write_text(path, dumps(warmup_records(kept)))
+        run.log("hinted", **stats)
+        run.finish("hinted", stats)  # [distributed] a barrier: the file exists for every rank after it
+    hinted = run.result("hinted")
+    ctx.say(
+        f"hinted warm-up set: {hinted['kept']} responses for {hinted['kept_prompts']} of {hinted['prompts']} prompts"
+    )
+    return kept if kept is not None else load_samples(path)

@@ -9,6 +9,8 @@ output can be written as JSONL in the run directory and read back on resume.
 from __future__ import annotations
 
 import dataclasses
+from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -92,3 +94,11 @@ def split_steps(text: str) -> list[str]:
     """The reasoning steps of a response: paragraphs before the `# Answer` block."""
     body = text.split(ANSWER_MARKER, 1)[0]
     return [p.strip() for p in body.split(STEP_SEPARATOR) if p.strip()]
+
+
+def group_by_sample(responses: Sequence[Response]) -> dict[str, list[Response]]:
+    """Responses per prompt (sample id), prompts in order of first appearance."""
+    groups: dict[str, list[Response]] = defaultdict(list)
+    for r in responses:
+        groups[r.sample_id].append(r)
+    return dict(groups)

@@ -10,22 +10,51 @@ Layout::
     RUN/summary.json
 
 A stage is finished once its name is in progress.json. Every file is written to a temporary
-name and renamed, so a kill leaves either the old or the new version, never half a file.
+name and renamed, so a kill leaves either the old or the new version, never half a file. JSON
+is strict: a number that is not finite (an empty iteration's loss) is written as null.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
-import random
 import shutil
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+
+from evostar.errors import RunDirError
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+
+# --------------------------------------------------------------------------------- strict JSON
+def strict(value: Any) -> Any:
+    """`value` with non-finite floats as None and numpy / torch scalars as Python numbers."""
+    if isinstance(value, dict):
+        return {str(k): strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict(v) for v in value]
+    if isinstance(value, (np.generic, torch.Tensor)):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def dumps(value: Any, **kwargs: Any) -> str:
+    """JSON that every reader accepts (no NaN or Infinity)."""
+    return json.dumps(strict(value), allow_nan=False, **kwargs)
+
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -33,6 +62,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # as open() would: mkstemp makes files only the owner reads
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()
@@ -44,11 +74,11 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def atomic_write_json(path: str | os.PathLike, data: Any) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+    atomic_write_text(path, dumps(data, indent=2) + "\n")
 
 
 def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> None:
-    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+    atomic_write_text(path, "".join(dumps(r) + "\n" for r in rows))
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
@@ -56,22 +86,15 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def rng_state() -> dict[str, Any]:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+def read_json(path: Path, what: str) -> Any:
+    """A JSON file of the run directory, or a RunDirError naming it."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise RunDirError(f"{path}: cannot read the {what}: {err}") from None
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
+# --------------------------------------------------------------------------------- seeds
 def stage_seed(seed: int, *names: object) -> int:
     """A seed per (run seed, stage): a resumed stage draws exactly what an uninterrupted one did."""
     h = np.random.SeedSequence([seed, *[abs(hash_str(str(n))) for n in names]])
@@ -85,20 +108,38 @@ def hash_str(s: str) -> int:
     return zlib.crc32(s.encode())
 
 
+# --------------------------------------------------------------------------------- the directory
 class RunDir:
+    """One run's directory: progress, metrics, checkpoints. `resume=True` continues it."""
+
+    is_main = True
+
     def __init__(self, root: str | os.PathLike, resume: bool = False) -> None:
         self.root = Path(root)
         self.resume = resume
-        if self.root.exists() and any(self.root.iterdir()) and not resume:
-            if (self.root / "progress.json").exists():
-                raise FileExistsError(
-                    f"{self.root} holds a run already: pass --resume to continue it, or choose a new --out"
-                )
-        self.root.mkdir(parents=True, exist_ok=True)
+        if self.root.exists() and not self.root.is_dir():
+            raise RunDirError(f"{self.root}: the run directory is a file; choose a directory")
+        has_progress = (self.root / "progress.json").exists()
+        if resume and not has_progress:
+            state = "does not exist" if not self.root.exists() else "holds no finished stage (no progress.json)"
+            raise RunDirError(f"{self.root}: nothing to resume: the directory {state}; run without --resume")
+        if has_progress and not resume:
+            raise RunDirError(
+                f"{self.root} holds a run already: pass --resume to continue it, or choose a new output directory"
+            )
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise RunDirError(f"{self.root}: cannot create the run directory: {err.strerror or err}") from None
         self.progress: dict[str, Any] = {"completed": [], "results": {}}
-        if resume and (self.root / "progress.json").exists():
-            self.progress = json.loads((self.root / "progress.json").read_text())
+        if resume:
+            self.progress = read_json(self.root / "progress.json", "run's progress")
+            if not isinstance(self.progress, dict) or not {"completed", "results"} <= set(self.progress):
+                raise RunDirError(f"{self.root / 'progress.json'}: not an evostar progress file")
             self._truncate_metrics()
+
+    def barrier(self) -> None:
+        """Wait for every process (a no-op in one process)."""
 
     # -- progress ----------------------------------------------------------------------------
     def done(self, stage: str) -> bool:
@@ -111,12 +152,12 @@ class RunDir:
         """Mark a stage finished (after its outputs and checkpoint are on disk)."""
         if stage not in self.progress["completed"]:
             self.progress["completed"].append(stage)
-        self.progress["results"][stage] = result
+        self.progress["results"][stage] = strict(result)
         atomic_write_json(self.root / "progress.json", self.progress)
 
     # -- metrics -----------------------------------------------------------------------------
     def log(self, stage: str, **values: Any) -> None:
-        line = json.dumps({"stage": stage, **values}, default=float)
+        line = dumps({"stage": stage, **values})
         with open(self.root / "metrics.jsonl", "a") as f:
             f.write(line + "\n")
             f.flush()
@@ -141,6 +182,9 @@ class RunDir:
         path = self.root / "metrics.jsonl"
         return read_jsonl(path) if path.exists() else []
 
+    def write_samples(self, iteration: int, rows: Iterable[dict]) -> None:
+        write_jsonl(self.root / "samples" / f"iter_{iteration:03d}.jsonl", rows)
+
     # -- checkpoints -------------------------------------------------------------------------
     def checkpoint_dir(self, stage: str) -> Path:
         return self.root / "checkpoints" / stage
@@ -163,7 +207,6 @@ class RunDir:
         save_model_and_processor(model, processor, tmp)
         if trainer_state is not None:
             torch.save(trainer_state, tmp / "trainer.pt")
-        torch.save(rng_state(), tmp / "rng.pt")
         atomic_write_json(tmp / "state.json", state or {})
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
@@ -171,10 +214,15 @@ class RunDir:
 
     def load_trainer_state(self, stage: str) -> dict | None:
         path = self.checkpoint_dir(stage) / "trainer.pt"
-        return torch.load(path, weights_only=False) if path.exists() else None
+        if not path.exists():
+            return None
+        try:  # our own optimizer state (tensors and plain containers only)
+            return torch.load(path, weights_only=True)
+        except Exception as err:
+            raise RunDirError(f"{path}: cannot read the trainer state: {err}") from None
 
     def load_state(self, stage: str) -> dict:
-        return json.loads((self.checkpoint_dir(stage) / "state.json").read_text())
+        return read_json(self.checkpoint_dir(stage) / "state.json", "checkpoint state")
 
     def prune_checkpoints(self, keep: Iterable[str]) -> None:
         keep = set(keep)
@@ -184,3 +232,63 @@ class RunDir:
         for d in base.iterdir():
             if d.is_dir() and d.name not in keep:
                 shutil.rmtree(d, ignore_errors=True)
+
+
+class SharedRunDir(RunDir):
+    """A `RunDir` every rank can use: all ranks read it and track progress in memory, rank 0
+    alone writes, and ranks wait for each other around checkpoints so none reads a half-written
+    one or runs ahead into the next stage while rank 0 is still saving.
+    """
+
+    def __init__(self, root: str | os.PathLike, accelerator: Accelerator, resume: bool = False) -> None:
+        self.accelerator = accelerator
+        self.is_main = accelerator.is_main_process
+        if not self.is_main:
+            # rank 0 may already be writing into root: read its state only after it has checked it
+            accelerator.wait_for_everyone()
+        super().__init__(root, resume=resume)
+        if self.is_main:
+            accelerator.wait_for_everyone()
+
+    def barrier(self) -> None:
+        self.accelerator.wait_for_everyone()
+
+    def finish(self, stage: str, result: Any = None) -> None:
+        if self.is_main:
+            super().finish(stage, result)
+        else:
+            if stage not in self.progress["completed"]:
+                self.progress["completed"].append(stage)
+            self.progress["results"][stage] = strict(result)
+        self.barrier()
+
+    def log(self, stage: str, **values: Any) -> None:
+        if self.is_main:
+            super().log(stage, **values)
+
+    def write_samples(self, iteration: int, rows: Iterable[dict]) -> None:
+        if self.is_main:
+            super().write_samples(iteration, rows)
+
+    def _truncate_metrics(self) -> None:
+        if self.is_main:
+            super()._truncate_metrics()
+
+    def save_checkpoint(
+        self,
+        stage: str,
+        model: torch.nn.Module,
+        processor: Any,
+        trainer_state: dict | None = None,
+        state: dict | None = None,
+    ) -> Path:
+        self.barrier()
+        if self.is_main:
+            super().save_checkpoint(stage, model, processor, trainer_state, state)
+        self.barrier()
+        return self.checkpoint_dir(stage)
+
+    def prune_checkpoints(self, keep: Any) -> None:
+        if self.is_main:
+            super().prune_checkpoints(keep)
+        self.barrier()

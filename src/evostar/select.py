@@ -1,31 +1,57 @@
 """Selection: which correct responses of each prompt become SFT targets.
 
 The paper's finding: among the correct responses, keep the top-2 by process-reward score
-(`top_k`); threshold filtering tends to keep all or none of a prompt's responses.
+(`top_k`); threshold filtering tends to keep all or none of a prompt's responses. The choices
+are declared once, as `evostar.config.Selection`.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
-from collections.abc import Sequence
+import typing
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from evostar.records import Response
+from evostar.config import Selection
+from evostar.records import Response, group_by_sample
 
-STRATEGIES = ("all", "random_k", "top_k", "threshold")
+STRATEGIES: tuple[str, ...] = typing.get_args(Selection)
 
 
-def group_by_sample(responses: Sequence[Response]) -> dict[str, list[Response]]:
-    groups: dict[str, list[Response]] = defaultdict(list)
-    for r in responses:
-        groups[r.sample_id].append(r)
-    return dict(groups)
+def _by_score(r: Response) -> float:
+    """Sort key: highest score first; responses without a score rank last."""
+    return -(r.score if r.score is not None else -np.inf)
+
+
+def _all(correct: list[Response], k: int, threshold: float, rng: np.random.Generator) -> list[Response]:
+    return correct
+
+
+def _random_k(correct: list[Response], k: int, threshold: float, rng: np.random.Generator) -> list[Response]:
+    idx = rng.permutation(len(correct))[:k]
+    return [correct[i] for i in sorted(idx)]
+
+
+def _top_k(correct: list[Response], k: int, threshold: float, rng: np.random.Generator) -> list[Response]:
+    return sorted(correct, key=_by_score)[:k]
+
+
+def _threshold(correct: list[Response], k: int, threshold: float, rng: np.random.Generator) -> list[Response]:
+    return [r for r in correct if r.score is not None and r.score > threshold]
+
+
+_PICK: dict[str, Callable[..., list[Response]]] = {
+    "all": _all,
+    "random_k": _random_k,
+    "top_k": _top_k,
+    "threshold": _threshold,
+}
+assert tuple(_PICK) == STRATEGIES, "every evostar.config.Selection needs its function here"
 
 
 def select(
     responses: Sequence[Response],
-    strategy: str = "all",
+    strategy: Selection = "all",
     k: int = 2,
     threshold: float = 0.5,
     dedupe: bool = True,
@@ -36,30 +62,18 @@ def select(
     `top_k` and `threshold` rank by `Response.score` (filled by a reward model); responses
     without a score rank last.
     """
-    if strategy not in STRATEGIES:
-        raise ValueError(f"unknown selection {strategy!r}; choose one of {STRATEGIES}")
+    pick = _PICK.get(strategy)
+    if pick is None:
+        raise ValueError(f"selection {strategy!r}: choose one of {list(STRATEGIES)}")
     rng = np.random.default_rng(seed)
     kept: list[Response] = []
-    for _, group in group_by_sample(responses).items():
+    for group in group_by_sample(responses).values():
         correct = [r for r in group if r.correct]
-        if dedupe:
-            seen: set[str] = set()
-            unique = []
+        if dedupe:  # the first of each distinct text, in sampling order
+            firsts: dict[str, Response] = {}
             for r in correct:
-                if r.text not in seen:
-                    seen.add(r.text)
-                    unique.append(r)
-            correct = unique
-        if not correct:
-            continue
-        if strategy == "all":
-            kept += correct
-        elif strategy == "random_k":
-            idx = rng.permutation(len(correct))[:k]
-            kept += [correct[i] for i in sorted(idx)]
-        elif strategy == "top_k":
-            ranked = sorted(correct, key=lambda r: -(r.score if r.score is not None else -np.inf))
-            kept += ranked[:k]
-        else:  # threshold
-            kept += [r for r in correct if r.score is not None and r.score > threshold]
+                firsts.setdefault(r.text, r)
+            correct = list(firsts.values())
+        if correct:
+            kept += pick(correct, k, threshold, rng)
     return kept

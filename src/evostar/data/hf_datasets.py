@@ -25,7 +25,7 @@ from typing import Any
 
 from PIL import Image as PILImage
 
-from evostar.data.loaders import DataError, _parse_record, _Where
+from evostar.data.parse import DataError, Where, parse_record
 from evostar.records import Sample
 
 __all__ = ["HF_PREFIX", "IMAGE_CACHE_DIR", "is_hf_spec", "load_hf_samples"]
@@ -36,17 +36,10 @@ _IMAGE_COLUMNS = ("decoded_image", "image", "images")
 """Where a row's image may be, best first: MathVista's ``image`` is a relative path into a zip
 that is rarely unpacked, its ``decoded_image`` the picture itself."""
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
-_FORMAT_EXT = {
-    "JPEG": ".jpg",
-    "PNG": ".png",
-    "GIF": ".gif",
-    "BMP": ".bmp",
-    "WEBP": ".webp",
-    "TIFF": ".tiff",
-}
+_FORMAT_EXT = {"JPEG": ".jpg", "PNG": ".png", "GIF": ".gif", "BMP": ".bmp", "WEBP": ".webp", "TIFF": ".tiff"}
 
 
-class _RowWhere(_Where):
+class _RowWhere(Where):
     """A row of a data set, for `DataError`s: "<dataset>[split] row 12 (id '7'): field ..."."""
 
     def __init__(self, label: str, index: int) -> None:
@@ -65,9 +58,7 @@ class _RowWhere(_Where):
 
 
 def _is_saved_dataset(path: Path) -> bool:
-    return path.is_dir() and (
-        (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()
-    )
+    return path.is_dir() and ((path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file())
 
 
 def _split_spec(spec: str) -> tuple[str, str | None]:
@@ -105,9 +96,7 @@ def _pick_split(data: Any, split: str | None, label: str) -> tuple[Any, str | No
     if not isinstance(data, DatasetDict):
         recorded = str(data.split) if getattr(data, "split", None) is not None else None
         if split is not None and recorded is not None and split != recorded:
-            raise DataError(
-                f"{label}: split {split!r} asked for, but this data set is split {recorded!r}"
-            )
+            raise DataError(f"{label}: split {split!r} asked for, but this data set is split {recorded!r}")
         return data, split or recorded
     names = list(data.keys())
     if split is None:
@@ -161,9 +150,7 @@ def _load_hub(repo: str, split: str | None) -> Any:
             )
         else:
             hint = "check the repository id and the split"
-        raise DataError(
-            f"{label}: cannot load with datasets.load_dataset: {hint} ({reason[:300]})"
-        ) from None
+        raise DataError(f"{label}: cannot load with datasets.load_dataset: {hint} ({reason[:300]})") from None
 
 
 def _rows(ds: Any, batch_size: int = 256) -> Iterator[dict[str, Any]]:
@@ -208,9 +195,7 @@ def _write_image(data: bytes, cache: Path, ident: str, where: _RowWhere, field: 
         tmp.write_bytes(data)
         os.replace(tmp, target)
     except OSError as e:
-        raise where.error(
-            field, f"cannot write the image cache {cache}: {e} (pass cache_dir=)"
-        ) from None
+        raise where.error(field, f"cannot write the image cache {cache}: {e} (pass cache_dir=)") from None
     return str(target)
 
 
@@ -224,9 +209,7 @@ def _image_value(value: Any, where: _RowWhere, field: str, cache: Path, ident: s
     """A row's image as something the record parser takes: a path string or None."""
     if isinstance(value, list):
         if len(value) > 1:
-            raise where.error(
-                field, f"{len(value)} images in one row; only single-image prompts are supported"
-            )
+            raise where.error(field, f"{len(value)} images in one row; only single-image prompts are supported")
         value = value[0] if value else None
     if value is None or isinstance(value, str):
         return value
@@ -238,9 +221,7 @@ def _image_value(value: Any, where: _RowWhere, field: str, cache: Path, ident: s
         if value.get("path"):
             return str(value["path"])
         return None
-    raise where.error(
-        field, f"expected a path, a PIL image or {{'bytes': ...}}, got {type(value).__name__}"
-    )
+    raise where.error(field, f"expected a path, a PIL image or {{'bytes': ...}}, got {type(value).__name__}")
 
 
 def _jsonable(value: Any) -> bool:
@@ -306,9 +287,7 @@ def load_hf_samples(
         try:
             data = load_from_disk(str(base))
         except Exception as e:  # corrupt Arrow files, version mismatch, ...
-            raise DataError(
-                f"{name}: datasets.load_from_disk failed: {type(e).__name__}: {e}"
-            ) from None
+            raise DataError(f"{name}: datasets.load_from_disk failed: {type(e).__name__}: {e}") from None
         label = str(base)
     ds, split = _pick_split(data, split, label)
     if split is not None and not label.endswith(f":{split}"):
@@ -317,11 +296,7 @@ def load_hf_samples(
     files = [Path(f["filename"]) for f in getattr(ds, "cache_files", []) if f.get("filename")]
     default_cache = files[0].parent / IMAGE_CACHE_DIR if files else base / IMAGE_CACHE_DIR
     cache = Path(os.path.abspath(cache_dir if cache_dir is not None else default_cache))
-    root = (
-        Path(image_root)
-        if image_root is not None
-        else (base if not name.startswith(HF_PREFIX) else Path.cwd())
-    )
+    root = Path(image_root) if image_root is not None else (base if not name.startswith(HF_PREFIX) else Path.cwd())
     stem = (split or _UNSAFE.sub("_", Path(name).name)) or "row"
 
     samples: list[Sample] = []
@@ -329,7 +304,7 @@ def load_hf_samples(
     for index, row in enumerate(_rows(ds)):
         where = _RowWhere(label, index)
         rec = _record(row, where, cache, fallback_id=f"{stem}-{index}")
-        sample = _parse_record(
+        sample = parse_record(
             rec,
             where,
             image_root=root,

@@ -1,49 +1,18 @@
-"""Read prompt data into `Sample`s: MathV360K-style JSON (also what the gym writes), JSONL, and
-MathVista.
-
-Bad data fails early with a `DataError` that names the file, the record and the field, instead
-of a traceback deep inside a training run hours later.
-"""
+"""Read prompt data into `Sample`s: MathV360K-style JSON (also what the gym writes), JSONL,
+MathVista, and Hugging Face `datasets` (`evostar.data.hf_datasets`). Records are parsed by
+`evostar.data.parse`; bad data fails at load time with the file, record and field named."""
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
-
-from evostar.records import ANSWER_MARKER, Sample
+from evostar.data.hf_datasets import is_hf_spec, load_hf_samples
+from evostar.data.parse import DataError, Where, parse_record
+from evostar.records import Sample
 
 __all__ = ["DataError", "detect_format", "load_samples"]
-
-IMAGE_TAG = "<image>"
-LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
-_HUMAN = ("human", "user")
-_GPT = ("gpt", "assistant")
-_MATHVISTA_CORE = {"pid", "question", "image", "choices", "answer"}
-_FLAT_CORE = {"id", "question", "image", "choices", "answer", "rationale", "meta"}
-_MATHV360K_CORE = {"id", "image", "conversations", "choices", "gym"}
-
-
-class DataError(ValueError):
-    """A data file or one of its records cannot be used; the message says where and why."""
-
-
-class _Where:
-    """Where a record sits, for error messages and ``meta["source"]``."""
-
-    def __init__(self, path: Path, index: int, line: int | None = None) -> None:
-        self.path, self.index, self.line = path, index, line
-        self.id: str | None = None
-
-    def error(self, field: str | None, message: str) -> DataError:
-        parts = [f"line {self.line}"] if self.line is not None else []
-        parts.append(f"id {self.id!r}" if self.id is not None else "no id")
-        where = f"{self.path} record {self.index} ({', '.join(parts)})"
-        return DataError(f"{where}: field {field!r}: {message}" if field else f"{where}: {message}")
-
 
 # ----------------------------------------------------------------------------- file level
 
@@ -64,7 +33,7 @@ def detect_format(path: str | Path, text: str | None = None) -> str:
         return "jsonl"
 
 
-def _read_records(path: Path) -> list[tuple[dict[str, Any] | Any, _Where, str | None]]:
+def _read_records(path: Path) -> list[tuple[dict[str, Any] | Any, Where, str | None]]:
     """Raw records with their location (and a fallback id: MathVista's dict key)."""
     if not path.exists():
         raise DataError(f"{path}: file not found")
@@ -75,6 +44,8 @@ def _read_records(path: Path) -> list[tuple[dict[str, Any] | Any, _Where, str | 
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"{path}: cannot read as UTF-8 text: {e}") from None
 
+    if not text.strip():
+        return []  # an empty file has no records (the caller says whether that is allowed)
     if detect_format(path, text) == "jsonl":
         out = []
         for lineno, line in enumerate(text.splitlines(), start=1):
@@ -83,166 +54,26 @@ def _read_records(path: Path) -> list[tuple[dict[str, Any] | Any, _Where, str | 
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
-                raise DataError(
-                    f"{path} line {lineno}: malformed JSON: {e.msg} (column {e.colno})"
-                ) from None
-            out.append((rec, _Where(path, len(out), lineno), None))
+                raise DataError(f"{path} line {lineno}: malformed JSON: {e.msg} (column {e.colno})") from None
+            out.append((rec, Where(path, len(out), lineno), None))
         return out
 
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
-        raise DataError(
-            f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}"
-        ) from None
+        raise DataError(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
     if isinstance(data, list):
-        return [(rec, _Where(path, i), None) for i, rec in enumerate(data)]
+        return [(rec, Where(path, i), None) for i, rec in enumerate(data)]
     if isinstance(data, dict) and all(isinstance(v, dict) for v in data.values()):
         # MathVista: {"1": {...}, "2": {...}} keyed by pid
-        return [(rec, _Where(path, i), str(key)) for i, (key, rec) in enumerate(data.items())]
+        return [(rec, Where(path, i), str(key)) for i, (key, rec) in enumerate(data.items())]
     raise DataError(
-        f"{path}: expected a JSON list of records or an object of records keyed by pid, "
-        f"got {type(data).__name__}"
-    )
-
-
-# ----------------------------------------------------------------------------- record level
-
-
-def _text(value: Any) -> str | None:
-    """Answers and ids may be stored as numbers; None and blank strings mean missing."""
-    if value is None:
-        return None
-    s = (value if isinstance(value, str) else str(value)).strip()
-    return s or None
-
-
-def _split_gpt(value: str) -> tuple[str | None, str | None]:
-    """(rationale, answer) of a gpt turn: the answer follows the last ``# Answer``."""
-    if ANSWER_MARKER not in value:
-        return None, _text(value)
-    head, _, tail = value.rpartition(ANSWER_MARKER)
-    return _text(head), _text(tail)
-
-
-def _conversations(rec: dict[str, Any], where: _Where) -> tuple[str, str | None, str | None]:
-    turns = rec.get("conversations")
-    if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
-        raise where.error("conversations", "expected a list of {'from', 'value'} turns")
-    human = next((i for i, t in enumerate(turns) if t.get("from") in _HUMAN), None)
-    if human is None:
-        raise where.error("conversations", "no human turn")
-    question = _text(str(turns[human].get("value") or "").replace(IMAGE_TAG, ""))
-    if question is None:
-        raise where.error("conversations", "the human turn has no question text")
-    gpt = next((t for t in turns[human + 1 :] if t.get("from") in _GPT), None)
-    rationale, answer = _split_gpt(str(gpt.get("value") or "")) if gpt else (None, None)
-    return question, rationale, answer
-
-
-def _choice_answer(answer: str, choices: list[str], meta: dict[str, Any]) -> str:
-    """Multiple-choice gold answers are option letters (the gym's convention); MathVista
-    stores the option text, which is mapped to its letter (original kept in meta)."""
-    if answer in choices:
-        letter = LETTERS[choices.index(answer)]
-        if letter != answer:
-            meta["answer_text"] = answer
-        return letter
-    if len(answer) == 1 and answer.upper() in LETTERS[: len(choices)]:
-        return answer.upper()
-    return answer
-
-
-def _resolve_image(value: Any, where: _Where, image_root: Path, check_images: bool) -> str | None:
-    if value is None or value == "":
-        return None
-    if not isinstance(value, str):
-        raise where.error("image", f"expected a path string, got {type(value).__name__}")
-    path = Path(os.path.abspath(image_root / value))
-    if not path.is_file():
-        raise where.error("image", f"file not found: {path}")
-    if check_images:
-        try:
-            with Image.open(path) as im:
-                im.verify()
-        except Exception as e:  # PIL raises many types for bad files
-            raise where.error("image", f"unreadable image {path}: {e}") from None
-    return str(path)
-
-
-def _parse_record(
-    rec: Any,
-    where: _Where,
-    *,
-    image_root: Path,
-    require_answer: bool = True,
-    check_images: bool = True,
-    fallback_id: str | None = None,
-) -> Sample:
-    """One raw record (MathV360K, MathVista or flat) -> Sample."""
-    if not isinstance(rec, dict):
-        raise where.error(None, f"expected a JSON object, got {type(rec).__name__}")
-    where.id = _text(rec.get("id")) or _text(rec.get("pid")) or fallback_id
-    meta: dict[str, Any] = {}
-    rationale: str | None = None
-
-    if "conversations" in rec:
-        question, rationale, answer = _conversations(rec, where)
-        core = _MATHV360K_CORE
-        if "gym" in rec:
-            meta["gym"] = rec["gym"]
-    else:
-        is_mathvista = "pid" in rec
-        core = _MATHVISTA_CORE if is_mathvista else _FLAT_CORE
-        raw = rec.get("question")
-        question = _text(raw.replace(IMAGE_TAG, "")) if isinstance(raw, str) else None
-        if question is None:
-            raise where.error("question", "missing or empty")
-        answer = _text(rec.get("answer"))
-        if not is_mathvista:
-            rationale = _text(rec.get("rationale"))
-            if isinstance(rec.get("meta"), dict):
-                meta.update(rec["meta"])
-    meta.update({k: v for k, v in rec.items() if k not in core and k != "decoded_image"})
-
-    choices = rec.get("choices")
-    if choices is not None:
-        if not isinstance(choices, list) or not choices:
-            raise where.error("choices", "expected a non-empty list of option texts")
-        choices = [str(c) for c in choices]
-        if len(choices) > len(LETTERS):
-            raise where.error("choices", f"at most {len(LETTERS)} options are supported")
-    if answer is None and require_answer:
-        field = "conversations" if "conversations" in rec else "answer"
-        raise where.error(field, "no answer (pass require_answer=False for unlabeled prompts)")
-    if answer is not None and choices:
-        answer = _choice_answer(answer, choices, meta)
-    if choices and "Choices:" not in question:
-        # The prompt is rendered from the question alone: options must be in its text (the
-        # gym's format), or a MathVista multiple-choice question cannot be answered.
-        question += "\nChoices:\n" + "\n".join(f"({LETTERS[i]}) {c}" for i, c in enumerate(choices))
-
-    image = _resolve_image(rec.get("image"), where, image_root, check_images)
-    if where.id is None:
-        where.id = f"{where.path.stem}-{where.index}"
-    meta["source"] = f"{where.path.name}:{where.index}"
-    return Sample(
-        id=where.id,
-        question=question,
-        image=image,
-        answer=answer,
-        rationale=rationale,
-        choices=choices,
-        meta=meta,
+        f"{path}: expected a JSON list of records or an object of records keyed by pid, got {type(data).__name__}"
     )
 
 
 def load_samples(
-    path: str | Path,
-    image_root: str | Path | None = None,
-    require_answer: bool = True,
-    *,
-    check_images: bool = True,
+    path: str | Path, image_root: str | Path | None = None, require_answer: bool = True, *, check_images: bool = True
 ) -> list[Sample]:
     """Load a data file as Samples, auto-detecting its format.
 
@@ -254,20 +85,14 @@ def load_samples(
     Hugging Face data sets (a ``save_to_disk`` directory, ``DIR:SPLIT`` or ``hf://REPO[:SPLIT]``)
     go to `evostar.data.hf_datasets.load_hf_samples`.
     """
-    # --- Hugging Face `datasets` (evostar.data.hf_datasets) -------------------------------------
-    from evostar.data.hf_datasets import is_hf_spec, load_hf_samples
-
     if is_hf_spec(path):
-        return load_hf_samples(
-            path, image_root=image_root, require_answer=require_answer, check_images=check_images
-        )
-    # --- end Hugging Face `datasets` ------------------------------------------------------------
+        return load_hf_samples(path, image_root=image_root, require_answer=require_answer, check_images=check_images)
     path = Path(path)
     root = Path(image_root) if image_root is not None else path.parent
     samples: list[Sample] = []
     first_seen: dict[str, int] = {}
     for rec, where, fallback_id in _read_records(path):
-        sample = _parse_record(
+        sample = parse_record(
             rec,
             where,
             image_root=root,

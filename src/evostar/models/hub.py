@@ -31,8 +31,12 @@ from transformers import (
 from transformers.models.internvl import InternVLConfig, InternVLProcessor
 from transformers.models.qwen2_vl import Qwen2VLConfig, Qwen2VLProcessor
 
+from evostar.errors import UserError
 
-class ModelLoadError(ValueError):
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+class ModelLoadError(UserError):
     """A model directory that cannot be loaded, with the reason in words."""
 
 
@@ -43,7 +47,8 @@ def _load_error(path: str | os.PathLike, what: str, err: Exception) -> ModelLoad
             f"which evostar runs only when allowed: set model.trust_remote_code=true (evostar eval: "
             f"--trust-remote-code) if you trust the code in {Path(path).resolve()}"
         )
-    return ModelLoadError(f"{path}: cannot load the {what}: {err}")
+    message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return ModelLoadError(f"{path}: cannot load the {what} ({type(err).__name__}): {message}")
 
 
 def auto_model_class(config: PretrainedConfig, trust_remote_code: bool = False) -> type:
@@ -139,14 +144,29 @@ def load_processor(path: str | os.PathLike, trust_remote_code: bool = False) -> 
             processor = ImageOnlyQwen2VLProcessor.from_pretrained(path)
         else:
             processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, KeyError) as err:
+    except Exception as err:  # transformers raises many types for bad files
         raise _load_error(path, "processor", err) from err
     if not isinstance(processor, ProcessorMixin):
         # AutoProcessor silently falls back to a bare tokenizer when no processor matches.
-        raise ModelLoadError(
-            f"{path}: AutoProcessor returned {type(processor).__name__}, not a multimodal processor"
-        )
+        raise ModelLoadError(f"{path}: AutoProcessor returned {type(processor).__name__}, not a multimodal processor")
+    tokenizer = getattr(processor, "tokenizer", None)
+    # Without its files transformers builds an empty tokenizer silently (it encodes text to nothing).
+    if tokenizer is None or len(tokenizer) <= 1 or not tokenizer("0 1 2", add_special_tokens=False)["input_ids"]:
+        files = ", ".join(TOKENIZER_FILES)
+        raise ModelLoadError(f"{path}: the processor has no working tokenizer: are its files missing ({files})?")
     return processor
+
+
+def context_length(path: str | os.PathLike, trust_remote_code: bool = False) -> int | None:
+    """The text model's context in tokens (`max_position_embeddings`), where the config says."""
+    _check_model_dir(path)
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as err:
+        raise _load_error(path, "config", err) from err
+    text_config = getattr(config, "text_config", None) or config
+    n = getattr(text_config, "max_position_embeddings", None)
+    return n if isinstance(n, int) else None
 
 
 def load_model(
@@ -163,10 +183,9 @@ def load_model(
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
         with full_weights():
             model = auto_model_class(config, trust_remote_code).from_pretrained(
-                path, config=config, dtype=dtype, trust_remote_code=trust_remote_code,
-                use_safetensors=True, **kwargs,
-            )  # fmt: skip
-    except (OSError, ValueError, KeyError) as err:
+                path, config=config, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True, **kwargs
+            )
+    except Exception as err:  # safetensors, transformers and torch raise many types for bad files
         raise _load_error(path, "model", err) from err
     if getattr(model, "hf_device_map", None) is not None:
         return model  # placed by a `device_map` (e.g. a 4-bit QLoRA base): `.to` would undo it
@@ -219,8 +238,9 @@ def load_policy(model_cfg: Any, checkpoint: str | os.PathLike | None = None, dev
     dtype = getattr(torch, model_cfg.dtype)
     trust = model_cfg.trust_remote_code
     if model_cfg.lora_r > 0:
-        base = load_model(model_cfg.path, dtype=dtype, trust_remote_code=trust, device=device,
-                          **quantization_kwargs(model_cfg))  # fmt: skip
+        base = load_model(
+            model_cfg.path, dtype=dtype, trust_remote_code=trust, device=device, **quantization_kwargs(model_cfg)
+        )
         adapter = Path(checkpoint) / "adapter" if checkpoint is not None else None
         if adapter is not None and adapter.exists():
             return load_adapters(base, adapter).to(device)

@@ -38,6 +38,7 @@ class VLMInputs:
         self.system_prompt = system_prompt
         self.cache_size = cache_size
         self._cache: OrderedDict[tuple, dict[str, torch.Tensor]] = OrderedDict()
+        self._image_tokens: dict[tuple[int, int], int] = {}
         self.pad_id = self.tokenizer.pad_token_id
         if self.pad_id is None:
             self.pad_id = self.tokenizer.eos_token_id
@@ -63,9 +64,7 @@ class VLMInputs:
         return messages
 
     def prompt_text(self, sample: Sample) -> str:
-        return self.processor.apply_chat_template(
-            self.messages(sample), add_generation_prompt=True, tokenize=False
-        )
+        return self.processor.apply_chat_template(self.messages(sample), add_generation_prompt=True, tokenize=False)
 
     def _find_turn_end(self) -> str:
         """What the chat template writes after an assistant message (e.g. `<|im_end|>`)."""
@@ -99,6 +98,22 @@ class VLMInputs:
             if len(self._cache) > self.cache_size:
                 self._cache.popitem(last=False)
         return enc
+
+    def prompt_length(self, sample: Sample) -> int:
+        """Tokens of the encoded prompt, image tokens included, without encoding every image:
+        what an image adds is measured once per image size (and checks the processor takes it)."""
+        n_text = len(self.tokenizer(self.prompt_text(sample), add_special_tokens=False)["input_ids"])
+        if sample.image is None:
+            return n_text
+        with Image.open(sample.image) as img:
+            size = img.size  # read from the header; the pixels load only for a new size
+            if size not in self._image_tokens:
+                probe = Sample(id="probe", question="x", image=sample.image)
+                text = self.prompt_text(probe)
+                enc = self.processor(text=[text], images=[img.convert("RGB")], return_tensors="pt")
+                base = len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+                self._image_tokens[size] = int(enc["input_ids"].shape[1]) - base
+        return n_text + self._image_tokens[size]
 
     def encode_response(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"] + self.turn_end_ids

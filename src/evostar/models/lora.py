@@ -25,17 +25,12 @@ from typing import Any
 
 import torch
 
+from evostar.config import ConfigError
+
 # Last attribute name of the vision encoder, the vision-to-text projector and the language model
 # in transformers' VLMs (and the common remote-code ones: InternVL `mlp1`, MiniCPM-V `vpm`).
 VISION_NAMES = ("visual", "vision_tower", "vision_model", "vision_encoder", "vpm", "image_encoder")
-PROJECTOR_NAMES = (
-    "multi_modal_projector",
-    "connector",
-    "merger",
-    "mm_projector",
-    "resampler",
-    "mlp1",
-)
+PROJECTOR_NAMES = ("multi_modal_projector", "connector", "merger", "mm_projector", "resampler", "mlp1")
 LANGUAGE_NAMES = ("language_model", "text_model", "llm")
 # Bare parameters of the vision-to-text interface (LLaVA-NeXT's learned row separator).
 PROJECTOR_PARAM_NAMES = ("image_newline",)
@@ -75,8 +70,9 @@ def language_model(model: torch.nn.Module) -> tuple[str, torch.nn.Module]:
     found = _outermost(model, LANGUAGE_NAMES)
     if found:
         return found[0]
-    raise ValueError(
-        f"{type(model).__name__}: no language model found (looked for attributes {LANGUAGE_NAMES})"
+    raise ConfigError(
+        f"{type(model).__name__}: no language model found (looked for attributes {LANGUAGE_NAMES}): "
+        "LoRA and freezing need one"
     )
 
 
@@ -87,11 +83,7 @@ def vision_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
 def projector_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
     """Projectors outside the language model (Qwen2-VL's `merger` sits inside `visual`)."""
     lm_name = _safe_lm_name(model)
-    return [
-        (n, m)
-        for n, m in _outermost(model, PROJECTOR_NAMES)
-        if lm_name is None or not n.startswith(lm_name + ".")
-    ]
+    return [(n, m) for n, m in _outermost(model, PROJECTOR_NAMES) if lm_name is None or not n.startswith(lm_name + ".")]
 
 
 def _safe_lm_name(model: torch.nn.Module) -> str | None:
@@ -113,7 +105,9 @@ def freeze_vision(model: torch.nn.Module) -> int:
     """
     towers = [n for n, _ in vision_modules(model)]
     if not towers:
-        raise ValueError(f"{type(model).__name__}: no vision tower found (looked for {VISION_NAMES})")
+        raise ConfigError(
+            f"model.freeze_vision: {type(model).__name__} has no vision tower (looked for {VISION_NAMES})"
+        )
     projectors = [n for n, _ in projector_modules(model)]
     frozen = 0
     for name, p in _params_under(model, towers):
@@ -127,7 +121,9 @@ def freeze_projector(model: torch.nn.Module) -> int:
     """Freeze the vision-to-text projector; returns how many tensors were frozen."""
     projectors = [n for n, _ in projector_modules(model)]
     if not projectors:
-        raise ValueError(f"{type(model).__name__}: no projector found (looked for {PROJECTOR_NAMES})")
+        raise ConfigError(
+            f"model.freeze_projector: {type(model).__name__} has no projector (looked for {PROJECTOR_NAMES})"
+        )
     frozen = 0
     for name, p in model.named_parameters():
         under = any(name.startswith(pre + ".") for pre in projectors)
@@ -159,17 +155,16 @@ def lora_target_regex(model: torch.nn.Module, targets: Sequence[str] = ("all-lin
     language model's prefix keeps them out.
     """
     lm_name, lm = language_model(model)
-    linear = sorted(
-        {n.rsplit(".", 1)[-1] for n, m in lm.named_modules() if isinstance(m, torch.nn.Linear) and n}
-    )
+    linear = sorted({n.rsplit(".", 1)[-1] for n, m in lm.named_modules() if isinstance(m, torch.nn.Linear) and n})
     wanted = linear if "all-linear" in targets else [t for t in linear if t in targets]
     missing = [t for t in targets if t != "all-linear" and t not in linear]
     if missing or not wanted:
-        raise ValueError(f"lora_targets {list(targets)}: the language model's linear layers are {linear}")
+        raise ConfigError(f"model.lora_targets={list(targets)}: the language model's linear layers are {linear}")
     return rf"{re.escape(lm_name)}\..*\.({'|'.join(map(re.escape, wanted))})"
 
 
-def _check_4bit_possible() -> None:
+def check_4bit_possible() -> None:
+    """Raise `QLoRAUnavailableError` unless this machine can run bitsandbytes' 4-bit kernels."""
     if not torch.cuda.is_available():
         raise QLoRAUnavailableError(
             "QLoRA (model.quantize_4bit=true) needs a CUDA GPU: bitsandbytes 4-bit kernels do not "
@@ -189,7 +184,7 @@ def quantization_kwargs(cfg: Any, compute_dtype: torch.dtype = torch.bfloat16) -
     """
     if not getattr(cfg, "quantize_4bit", False):
         return {}
-    _check_4bit_possible()
+    check_4bit_possible()
     from transformers import BitsAndBytesConfig
 
     return {
@@ -218,7 +213,7 @@ def apply_adapters(model: torch.nn.Module, cfg: Any) -> torch.nn.Module:
     must already be loaded quantized (see `quantization_kwargs`).
     """
     if getattr(cfg, "quantize_4bit", False):
-        _check_4bit_possible()
+        check_4bit_possible()
         if not is_quantized(model):
             raise ValueError("quantize_4bit: load the model with quantization_kwargs(cfg) first")
     if cfg.lora_r <= 0:

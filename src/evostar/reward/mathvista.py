@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from evostar.errors import UserError
 from evostar.records import ANSWER_MARKER
 from evostar.reward.answer import find_boxed
 
@@ -57,7 +58,7 @@ GROUP_FIELDS: tuple[tuple[str, str], ...] = (
 )
 
 
-class ScoreInputError(ValueError):
+class ScoreInputError(UserError):
     """A problems or responses file that cannot be scored; the message names file, line, field."""
 
 
@@ -108,12 +109,7 @@ def _decimals(answer: Any) -> int:
 
 
 def normalize_extracted_answer(
-    extraction: Any,
-    choices: list[str] | None,
-    question_type: str,
-    answer_type: str,
-    precision: Any,
-    answer: Any = None,
+    extraction: Any, choices: list[str] | None, question_type: str, answer_type: str, precision: Any, answer: Any = None
 ) -> str | None:
     """Map an extraction onto the form of the gold answer, as MathVista does before comparing.
 
@@ -188,8 +184,7 @@ _QUICK = re.compile(r'The answer is "(.*)"\.')
 _ANSWER_IS = re.compile(r"answer\s+is\s*:?\s*(.+)", re.IGNORECASE)
 _ANSWER_COLON = re.compile(r"^\s*(?:final\s+)?answer\s*:\s*(.+)$", re.IGNORECASE | re.MULTILINE)
 _ANSWER_PREFIX = re.compile(
-    r"^(?:the\s+)?(?:final\s+|correct\s+)?(?:answer|option|choice)\s*(?:is\s*:?|:)\s*",
-    re.IGNORECASE,
+    r"^(?:the\s+)?(?:final\s+|correct\s+)?(?:answer|option|choice)\s*(?:is\s*:?|:)\s*", re.IGNORECASE
 )
 _TEXT_CMD = re.compile(r"\\(?:text|mathrm|textbf|mbox|operatorname)\s*\{([^{}]*)\}")
 _FRAC = re.compile(r"\\[dt]?frac\s*\{\s*(" + _NUMBER + r")\s*\}\s*\{\s*(" + _NUMBER + r")\s*\}")
@@ -383,9 +378,7 @@ def _sorted_groups(groups: dict[str, list[int]]) -> dict[str, dict[str, Any]]:
     return dict(sorted(summaries.items(), key=lambda kv: (-kv[1]["accuracy"], kv[0])))
 
 
-def score_mathvista(
-    problems: Mapping[str, Mapping[str, Any]], responses: Mapping[str, str]
-) -> dict[str, Any]:
+def score_mathvista(problems: Mapping[str, Mapping[str, Any]], responses: Mapping[str, str]) -> dict[str, Any]:
     """Accuracy over all ``problems``, overall and per MathVista breakdown.
 
     Every problem counts: a pid without a response is wrong and listed under ``missing``.
@@ -458,9 +451,7 @@ _REQUIRED_FIELDS = ("question_type", "answer_type", "answer")
 
 def _check_problem(path: Path, where: str, record: Any) -> None:
     if not isinstance(record, dict):
-        raise ScoreInputError(
-            f"{path}: {where}: expected a JSON object, got {type(record).__name__}"
-        )
+        raise ScoreInputError(f"{path}: {where}: expected a JSON object, got {type(record).__name__}")
     for field in _REQUIRED_FIELDS:
         if field not in record:
             raise ScoreInputError(f"{path}: {where}: missing field {field!r}")
@@ -501,15 +492,12 @@ def load_mathvista_problems(path: str | Path) -> dict[str, dict[str, Any]]:
             problems[pid] = {**record, "pid": pid}
     else:
         raise ScoreInputError(
-            f"{path}: expected an object keyed by pid or a list of records, "
-            f"got {type(data).__name__}"
+            f"{path}: expected an object keyed by pid or a list of records, got {type(data).__name__}"
         )
     return problems
 
 
-def load_responses_jsonl(
-    path: str | Path, id_field: str = "pid", text_field: str = "response"
-) -> dict[str, str]:
+def load_responses_jsonl(path: str | Path, id_field: str = "pid", text_field: str = "response") -> dict[str, str]:
     """``{id: response}`` from JSONL lines ``{"pid": ..., "response": ...}``; blank lines skipped.
 
     `id_field` / `text_field` read other layouts, e.g. `evostar eval --responses` records
@@ -543,3 +531,21 @@ def load_responses_jsonl(
     except UnicodeDecodeError as e:
         raise ScoreInputError(f"{path}: cannot read responses file: {e}") from e
     return responses
+
+
+def read_responses(path: str | Path) -> dict[str, str]:
+    """``{pid: response}`` from ``{"pid", "response"}`` JSONL, or from the records `evostar eval
+    --responses` writes (``sample_id`` / ``text``), told apart by the first record's fields."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ScoreInputError(f"{path}: cannot read responses file: {getattr(e, 'strerror', None) or e}") from e
+    first = next((ln for ln in lines if ln.strip()), None)
+    try:
+        head = json.loads(first) if first is not None else {}
+    except json.JSONDecodeError:
+        head = {}  # load_responses_jsonl reports it with its line number
+    if isinstance(head, dict) and "sample_id" in head and "pid" not in head:
+        return load_responses_jsonl(path, id_field="sample_id", text_field="text")
+    return load_responses_jsonl(path)

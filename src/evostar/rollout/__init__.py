@@ -10,12 +10,14 @@ lazy: `import evostar.rollout` never imports vllm.
 
 from __future__ import annotations
 
+import typing
 from collections.abc import Callable
 from typing import Any
 
+from evostar.config import Backend
 from evostar.records import Response
 
-BACKENDS = ("hf", "vllm")
+BACKENDS: tuple[str, ...] = typing.get_args(Backend)
 
 
 def make_rollout(cfg: Any) -> Callable[..., list[Response]]:
@@ -28,10 +30,13 @@ def make_rollout(cfg: Any) -> Callable[..., list[Response]]:
         from evostar.rollout.pool import RolloutPool
 
         return RolloutPool(
-            cfg.model.path, workers=gen.workers, dtype=gen.rollout_dtype or cfg.model.dtype,
-            prompt_template=cfg.model.prompt_template, system_prompt=cfg.model.system_prompt or None,
+            cfg.model.path,
+            workers=gen.workers,
+            dtype=gen.rollout_dtype or cfg.model.dtype,
+            prompt_template=cfg.model.prompt_template,
+            system_prompt=cfg.model.system_prompt or None,
             trust_remote_code=cfg.model.trust_remote_code,
-        )  # fmt: skip
+        )
     if gen.backend == "hf":
         return get_backend("hf")
     return get_backend(gen.backend, model_dir=cfg.model.path, seed=cfg.seed)

@@ -49,7 +49,9 @@ def _build_sampler(model_dir: str, dtype: torch.dtype, state: dict[str, torch.Te
     from evostar.models.hub import auto_model_class
 
     config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
-    model = auto_model_class(config, trust_remote_code).from_config(config, trust_remote_code=trust_remote_code, dtype=dtype)
+    model = auto_model_class(config, trust_remote_code).from_config(
+        config, trust_remote_code=trust_remote_code, dtype=dtype
+    )
     model.load_state_dict(state, strict=True, assign=True)
     model.generation_config = model.generation_config.from_pretrained(model_dir)
     return model.eval()
@@ -100,10 +102,6 @@ class RolloutPool:
         system_prompt: str | None = None,
         trust_remote_code: bool = False,
     ) -> None:
-        if workers < 1:
-            raise ValueError(f"gen.workers must be >= 1, got {workers}")
-        if not isinstance(getattr(torch, dtype, None), torch.dtype):
-            raise ValueError(f"gen.rollout_dtype={dtype!r}: not a torch dtype (bfloat16, float32, ...)")
         self.model_dir = str(model_dir)
         self.workers = workers
         self.dtype = getattr(torch, dtype)
@@ -135,10 +133,15 @@ class RolloutPool:
                 parent_end, child_end = ctx.Pipe()
                 proc = ctx.Process(
                     target=_worker,
-                    args=(self.model_dir, str(self.dtype).removeprefix("torch."), self.io_args,
-                          self.trust_remote_code, child_end),
+                    args=(
+                        self.model_dir,
+                        str(self.dtype).removeprefix("torch."),
+                        self.io_args,
+                        self.trust_remote_code,
+                        child_end,
+                    ),
                     daemon=True,
-                )  # fmt: skip
+                )
                 proc.start()
                 child_end.close()  # only the worker holds it now: its death reads as EOF here
                 try:
@@ -167,7 +170,7 @@ class RolloutPool:
             proc.join(timeout=5)
             raise RuntimeError(
                 f"rollout worker (pid {proc.pid}) died with exit code {proc.exitcode}: see its output "
-                "above (a script that starts a run needs an `if __name__ == \"__main__\":` guard, "
+                'above (a script that starts a run needs an `if __name__ == "__main__":` guard, '
                 "since workers are spawned and import the main module)"
             ) from None
         if status == "error":
@@ -191,8 +194,8 @@ class RolloutPool:
         progress: bool = True,
     ) -> list[Response]:
         """`rollout.hf.generate`'s signature: push `model`'s weights, then sample in parallel."""
-        from evostar.distributed import shard_bounds
         from evostar.rollout.hf import generate
+        from evostar.rollout.sharded import shard_bounds
 
         if next(model.parameters()).device.type != "cpu":
             raise ValueError("the rollout pool samples on CPU; on a GPU use gen.workers=1 or gen.backend=vllm")
@@ -203,8 +206,14 @@ class RolloutPool:
         else:
             self.update_weights(model)
         shards = [shard_bounds(len(samples), self.workers, r) for r in range(self.workers)]
-        kwargs = dict(k=k, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
-                      batch_size=batch_size, iteration=iteration)  # fmt: skip
+        kwargs = dict(
+            k=k,
+            temperature=temperature,
+            top_p=top_p,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            iteration=iteration,
+        )
         for pipe, (start, stop), seed in zip(self.pipes, shards[1:], seeds[1:], strict=True):
             try:
                 pipe.send((list(samples[start:stop]), kwargs, seed))

@@ -106,15 +106,7 @@ IDEFICS3_CHAT_TEMPLATE = (
 
 # InternVL3-hf: Qwen2.5 tokens and turns; the template writes one `<IMG_CONTEXT>` per image, which
 # the processor expands to `<img>` + image_seq_length x tiles `<IMG_CONTEXT>` + `</img>`.
-INTERNVL_SPECIAL_TOKENS = [
-    "<|endoftext|>",
-    "<|im_start|>",
-    "<|im_end|>",
-    "<img>",
-    "</img>",
-    "<IMG_CONTEXT>",
-    "<video>",
-]
+INTERNVL_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<video>"]
 # The tokenizer attributes `InternVLProcessor` reads (saved in tokenizer_config.json).
 INTERNVL_EXTRA_SPECIAL_TOKENS = {
     "start_image_token": "<img>",
@@ -283,9 +275,7 @@ def build_tiny_llava(
     model = LlavaForConditionalGeneration(config)
     _finish(model, config.text_config.eos_token_id, config.text_config.pad_token_id)
     side = {"height": spec.image_size, "width": spec.image_size}
-    image_processor = LlavaImageProcessorPil(
-        size=side, crop_size=side, do_center_crop=False, do_pad=False
-    )
+    image_processor = LlavaImageProcessorPil(size=side, crop_size=side, do_center_crop=False, do_pad=False)
     processor = LlavaProcessor(image_processor=image_processor, **_llava_processor_kwargs(spec, tokenizer))
     return _save(model, processor, out_dir)
 
@@ -395,10 +385,7 @@ def build_tiny_internvl(
     model = InternVLForConditionalGeneration(config)
     _finish(model, eos, pad)
     image_processor = GotOcr2ImageProcessorPil(
-        size={"height": spec.image_size, "width": spec.image_size},
-        crop_to_patches=True,
-        min_patches=1,
-        max_patches=6,
+        size={"height": spec.image_size, "width": spec.image_size}, crop_to_patches=True, min_patches=1, max_patches=6
     )
     processor = ImageOnlyInternVLProcessor(
         image_processor=image_processor,

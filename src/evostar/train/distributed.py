@@ -1,90 +1,40 @@
-"""Multi-process self-evolving training through accelerate (DDP, FSDP, DeepSpeed ZeRO).
+"""SFT split across the processes of an `Accelerator` (DDP, FSDP v1/v2, DeepSpeed ZeRO).
 
 Every data choice of the loop (which prompts, which responses are kept, which examples form an
-SFT batch) is a deterministic function of the seed, so each rank computes it itself. Only three
-things cross processes:
+SFT batch) is a deterministic function of the seed, so each rank computes it itself. In SFT only
+two things cross processes: the number of target tokens of each step (all-reduced, so the
+token-mean loss is taken over the global batch and one step equals a single-process step on the
+same batch), and gradients (DDP's all-reduce, FSDP's reduce-scatter). Rollouts are sharded by
+`evostar.rollout.sharded`; rank 0 alone writes the run directory (`evostar.rundir.SharedRunDir`).
 
-* generated responses: each rank samples its shard of the prompts, `gather_object` hands every
-  rank the full list, so all ranks select the same training set;
-* the number of target tokens of each SFT step: all-reduced, so the token-mean loss is taken over
-  the global batch and one step equals a single-process step on the same batch;
-* gradients (DDP's all-reduce, FSDP's reduce-scatter), and under FSDP the weight shards
-  gathered into full weights after each SFT stage.
+FSDP (any sharding strategy) and DeepSpeed (any ZeRO stage) train a copy of the module: the loop
+samples, evaluates and saves with the module it passed in, which keeps full fp32 weights on every
+rank; after each `train()` call the trainer gathers the copy's shards (or DeepSpeed's fp32
+master weights) into it.
 
-Rank 0 alone writes the run directory (`SharedRunDir`); all ranks read it on resume.
-
-Launch on CPU (gloo; `accelerate launch --cpu --num_processes 2` silently runs one process)::
-
-    torchrun --nproc_per_node 2 script.py
-    ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 --num_machines 1 script.py
-
-FSDP (v1 or v2, any sharding strategy) and DeepSpeed (any ZeRO stage) train a copy of the
-module: the loop samples, evaluates and saves with the module it passed in, which keeps full
-fp32 weights on every rank; after each `train()` call the trainer gathers the copy's shards (or
-DeepSpeed's fp32 master weights) into it (`DistributedSFTTrainer`).
-
-Tested on CPU with 2 processes: DDP, FSDP v1 and v2 with full sharding, DeepSpeed ZeRO-2 and
-ZeRO-3 (scripts/ddp_smoke.py; accelerate turns an FSDP launch on CPU into plain DDP, so the
-script sets the FSDP plugin on the state itself; DeepSpeed runs on its own CPU accelerator).
+Tested on CPU with 2 processes (scripts/ddp_smoke.py): accelerate turns an FSDP launch on CPU
+into plain DDP, so the script sets the FSDP plugin on the state itself; DeepSpeed runs on its own
+CPU accelerator.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 import math
-import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from evostar.config import Config, OptimConfig
+from evostar.config import ConfigError, OptimConfig
 from evostar.models.inputs import VLMInputs
-from evostar.records import Response, Sample
-from evostar.rundir import RunDir, stage_seed
-from evostar.train import Example, ProgressSchedule, SFTTrainer, autocast, new_adamw
+from evostar.rollout.sharded import shard_bounds
+from evostar.train.schedule import ProgressSchedule
+from evostar.train.sft import Example, SFTTrainer, autocast, new_adamw
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
-
-
-def launched_distributed() -> bool:
-    """True under `torchrun` / `accelerate launch` with more than one process."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
-
-
-def make_accelerator(cfg: Config | None = None) -> Accelerator:
-    """The run's `Accelerator`: CPU (gloo) unless CUDA is there and the config allows it.
-
-    `find_unused_parameters=True` because some VLMs leave parameters out of the loss (LLaVA's
-    CLIP post-layernorm); DDP would otherwise fail on the first step. FSDP and DeepSpeed (and
-    their mixed precision) come from the launcher's config file, not from here; `optim.autocast`
-    adds bf16 autocast to the SFT forward under any launcher.
-    """
-    from accelerate import Accelerator, DistributedDataParallelKwargs, InitProcessGroupKwargs
-
-    device = cfg.device if cfg is not None else "auto"
-    handlers: list[Any] = [DistributedDataParallelKwargs(find_unused_parameters=True)]
-    cpu = device == "cpu" or not torch.cuda.is_available()
-    if cpu and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
-        # accelerate drops DeepSpeed when told cpu=True; DeepSpeed's own CPU accelerator runs
-        # over gloo, which accelerate only picks for CPU when asked
-        cpu = False
-        handlers.append(InitProcessGroupKwargs(backend="gloo"))
-    return Accelerator(cpu=cpu, kwargs_handlers=handlers)
-
-
-def shard_bounds(n: int, world: int, rank: int) -> tuple[int, int]:
-    """Contiguous [start, stop) of `n` items for `rank`; the first `n % world` ranks get one more.
-
-    Contiguous shards keep order: concatenating the ranks' outputs in rank order restores it.
-    """
-    base, extra = divmod(n, world)
-    start = rank * base + min(rank, extra)
-    return start, start + base + (1 if rank < extra else 0)
 
 
 class DistributedSFTTrainer(SFTTrainer):
@@ -100,13 +50,7 @@ class DistributedSFTTrainer(SFTTrainer):
     weights: checkpoints saved from it resume exactly.
     """
 
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        io: VLMInputs,
-        cfg: OptimConfig,
-        accelerator: Accelerator,
-    ) -> None:
+    def __init__(self, model: torch.nn.Module, io: VLMInputs, cfg: OptimConfig, accelerator: Accelerator) -> None:
         from accelerate.utils import DistributedType
 
         self.accelerator = accelerator
@@ -115,8 +59,8 @@ class DistributedSFTTrainer(SFTTrainer):
         self._fsdp = accelerator.distributed_type == DistributedType.FSDP
         self._copy = self._fsdp or self._deepspeed  # `wrapped` trains a copy of `model`
         if self._deepspeed and cfg.micro_batch_size:
-            raise ValueError(
-                "DeepSpeed steps its optimizer inside every backward: set micro_batch_size=0 "
+            raise ConfigError(
+                "optim.micro_batch_size: DeepSpeed steps its optimizer inside every backward: set micro_batch_size=0 "
                 "(one forward/backward per optimizer step)"
             )
         super().__init__(model, io, cfg)
@@ -169,9 +113,7 @@ class DistributedSFTTrainer(SFTTrainer):
         acc = self.accelerator
         wrapped = self.model.__dict__.get("_evostar_wrapped")
         if wrapped is not None:
-            set_model_state_dict(
-                wrapped, self.model.state_dict(), options=StateDictOptions(full_state_dict=True)
-            )
+            set_model_state_dict(wrapped, self.model.state_dict(), options=StateDictOptions(full_state_dict=True))
             return wrapped
         acc.free_memory()  # an earlier module's copy (ReST-EM restarts from a fresh module)
         train_copy = self._host_copy()
@@ -203,10 +145,7 @@ class DistributedSFTTrainer(SFTTrainer):
         # Without a dataloader accelerate cannot fill these in ("auto"); DeepSpeed uses them
         # for its own bookkeeping only, since the trainer draws the batches itself.
         micro = math.ceil(self.cfg.batch_size / acc.num_processes)
-        for key, value in (
-            ("train_micro_batch_size_per_gpu", micro),
-            ("train_batch_size", micro * acc.num_processes),
-        ):
+        for key, value in (("train_micro_batch_size_per_gpu", micro), ("train_batch_size", micro * acc.num_processes)):
             if ds_config.get(key, "auto") == "auto":
                 ds_config[key] = value
         train_copy = self._host_copy()
@@ -259,9 +198,7 @@ class DistributedSFTTrainer(SFTTrainer):
         options = StateDictOptions(full_state_dict=True, cpu_offload=offload)
         return get_model_state_dict(self.wrapped, options=options)
 
-    def train(
-        self, examples: Sequence[Example], num_steps: int, seed: int, **kwargs: Any
-    ) -> dict[str, float]:
+    def train(self, examples: Sequence[Example], num_steps: int, seed: int, **kwargs: Any) -> dict[str, float]:
         if not self._copy:
             return super().train(examples, num_steps, seed, **kwargs)
         device = self.accelerator.device
@@ -292,9 +229,7 @@ class DistributedSFTTrainer(SFTTrainer):
         widest = math.ceil(len(examples) / world)
         micro = self.cfg.micro_batch_size or widest
         n_chunks = max(1, math.ceil(widest / micro))
-        chunks: list[tuple[list[Example], float]] = [
-            (local[i : i + micro], 1.0) for i in range(0, len(local), micro)
-        ]
+        chunks: list[tuple[list[Example], float]] = [(local[i : i + micro], 1.0) for i in range(0, len(local), micro)]
         while len(chunks) < n_chunks:
             chunks.append(([examples[0]], 0.0))
         batches = []
@@ -304,9 +239,7 @@ class DistributedSFTTrainer(SFTTrainer):
             n = int((batch["labels"][:, 1:] != -100).sum())
             local_targets += int(n * weight)
             batches.append((batch, weight))
-        counts = acc.reduce(
-            torch.tensor([local_targets], dtype=torch.long, device=acc.device), "sum"
-        )
+        counts = acc.reduce(torch.tensor([local_targets], dtype=torch.long, device=acc.device), "sum")
         total_targets = int(counts.item())
         scale = world / max(1, total_targets)
         loss_sum_local = torch.zeros((), dtype=torch.float64, device=acc.device)
@@ -322,10 +255,7 @@ class DistributedSFTTrainer(SFTTrainer):
                 logits = logits[:, :-1].float()
                 targets = labels[:, 1:]
                 loss_sum = torch.nn.functional.cross_entropy(
-                    logits.reshape(-1, logits.shape[-1]),
-                    targets.reshape(-1),
-                    ignore_index=-100,
-                    reduction="sum",
+                    logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="sum"
                 )
                 acc.backward(loss_sum * (weight * scale))
             loss_sum_local += loss_sum.detach().double() * weight
@@ -352,16 +282,12 @@ class DistributedSFTTrainer(SFTTrainer):
             for name, param in self.wrapped.module.named_parameters():
                 if param.requires_grad:
                     moments[name] = {
-                        key: safe_get_full_optimizer_state(param, key).to("cpu")
-                        for key in ("exp_avg", "exp_avg_sq")
+                        key: safe_get_full_optimizer_state(param, key).to("cpu") for key in ("exp_avg", "exp_avg_sq")
                     }
             steps = {float(s["step"]) for s in self._deepspeed_adam_states() if "step" in s}
             state["optimizer"] = {"deepspeed_adamw": moments, "adam_step": max(steps, default=0.0)}
             return state
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            get_optimizer_state_dict,
-        )
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
         offload = self.accelerator.device.type != "cpu"
         options = StateDictOptions(full_state_dict=True, cpu_offload=offload)
@@ -383,137 +309,18 @@ class DistributedSFTTrainer(SFTTrainer):
             for adam in self._deepspeed_adam_states():
                 adam["step"] = torch.full_like(adam["step"], saved["adam_step"])
         else:
-            from torch.distributed.checkpoint.state_dict import (
-                StateDictOptions,
-                set_optimizer_state_dict,
-            )
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
             options = StateDictOptions(full_state_dict=True)
-            set_optimizer_state_dict(
-                self.wrapped, self.optimizer, state["optimizer"], options=options
-            )
+            set_optimizer_state_dict(self.wrapped, self.optimizer, state["optimizer"], options=options)
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = int(state["step"])
 
 
-def maybe_accelerator(cfg: Config | None = None) -> Accelerator | None:
-    """`make_accelerator(cfg)` when launched with several processes, else None (one process)."""
-    return make_accelerator(cfg) if launched_distributed() else None
-
-
 def make_trainer(
-    model: torch.nn.Module,
-    io: VLMInputs,
-    cfg: OptimConfig,
-    accelerator: Accelerator | None = None,
+    model: torch.nn.Module, io: VLMInputs, cfg: OptimConfig, accelerator: Accelerator | None = None
 ) -> SFTTrainer:
     """A plain `SFTTrainer` without an accelerator (single process, unchanged), else the DDP one."""
     if accelerator is None:
         return SFTTrainer(model, io, cfg)
     return DistributedSFTTrainer(model, io, cfg, accelerator)
-
-
-def generate_sharded(
-    accelerator: Accelerator,
-    model: torch.nn.Module,
-    io: VLMInputs,
-    samples: Sequence[Sample],
-    *,
-    generate_fn: Any = None,
-    **kwargs: Any,
-) -> list[Response]:
-    """Each rank generates its contiguous shard; every rank gets all responses in sample order.
-
-    The caller seeds torch once for the step; rank r > 0 samples from a seed derived from it
-    (shards must not share one random stream), inside a forked RNG so that every rank leaves
-    with the same RNG state it came in with.
-    """
-    from accelerate.utils import gather_object
-
-    if generate_fn is None:
-        from evostar.rollout.hf import generate as generate_fn
-    rank, world = accelerator.process_index, accelerator.num_processes
-    start, stop = shard_bounds(len(samples), world, rank)
-    kwargs["progress"] = bool(kwargs.get("progress", True)) and accelerator.is_main_process
-    cuda = [torch.cuda.current_device()] if accelerator.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=cuda):
-        if rank > 0:
-            torch.manual_seed(stage_seed(torch.initial_seed(), "rank", rank))
-        local = generate_fn(model, io, list(samples[start:stop]), **kwargs)
-    return list(gather_object(local))
-
-
-class SharedRunDir(RunDir):
-    """A `RunDir` every rank can use: all ranks read it and track progress in memory, rank 0
-    alone writes, and ranks wait for each other around checkpoints so none reads a half-written
-    one or runs ahead into the next stage while rank 0 is still saving.
-    """
-
-    def __init__(
-        self, root: str | os.PathLike, accelerator: Accelerator, resume: bool = False
-    ) -> None:
-        self.accelerator = accelerator
-        self.is_main = accelerator.is_main_process
-        if not self.is_main:
-            # rank 0 may already be writing into root: read its state only after it has checked it
-            accelerator.wait_for_everyone()
-        super().__init__(root, resume=resume)
-        if self.is_main:
-            accelerator.wait_for_everyone()
-
-    def finish(self, stage: str, result: Any = None) -> None:
-        if self.is_main:
-            super().finish(stage, result)
-        else:
-            if stage not in self.progress["completed"]:
-                self.progress["completed"].append(stage)
-            self.progress["results"][stage] = result
-        self.accelerator.wait_for_everyone()
-
-    def log(self, stage: str, **values: Any) -> None:
-        if self.is_main:
-            super().log(stage, **values)
-
-    def _truncate_metrics(self) -> None:
-        if self.is_main:
-            super()._truncate_metrics()
-
-    def save_checkpoint(
-        self,
-        stage: str,
-        model: torch.nn.Module,
-        processor: Any,
-        trainer_state: dict | None = None,
-        state: dict | None = None,
-    ) -> Path:
-        self.accelerator.wait_for_everyone()
-        if self.is_main:
-            super().save_checkpoint(stage, model, processor, trainer_state, state)
-        self.accelerator.wait_for_everyone()
-        return self.checkpoint_dir(stage)
-
-    def prune_checkpoints(self, keep: Any) -> None:
-        if self.is_main:
-            super().prune_checkpoints(keep)
-        self.accelerator.wait_for_everyone()
-
-
-def weights_digest(model: torch.nn.Module) -> str:
-    """SHA-256 of every tensor of the state dict (names, dtypes, shapes and bytes)."""
-    h = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        t = tensor.detach().to("cpu").contiguous()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def assert_in_sync(accelerator: Accelerator, model: torch.nn.Module) -> str:
-    """Raise unless every rank holds bitwise-identical weights; returns the digest."""
-    from accelerate.utils import gather_object
-
-    digest = weights_digest(model)
-    digests = gather_object([digest])
-    if len(set(digests)) != 1:
-        raise RuntimeError(f"ranks hold different weights: {digests}")
-    return digest

@@ -1,0 +1,140 @@
+"""What every stage of a run shares: the config, the run directory, the processor and prompt
+encoder, the device, the accelerator (several processes) and the rollout backend."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from evostar.config import Config, dump_yaml, load_config, resume_conflicts
+from evostar.errors import RunDirError
+from evostar.launch import maybe_accelerator, resolve_device
+from evostar.models.hub import load_processor
+from evostar.models.inputs import VLMInputs
+from evostar.records import Response, Sample
+from evostar.rollout import make_rollout
+from evostar.rollout.sharded import generate_sharded
+from evostar.rundir import RunDir, SharedRunDir, atomic_write_text
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+
+@dataclass
+class RunContext:
+    cfg: Config
+    run: RunDir
+    io: VLMInputs
+    device: torch.device
+    accelerator: Accelerator | None
+    backend: Callable[..., list[Response]]
+    """Sampling: transformers `generate`, the CPU worker pool or a vLLM engine (built on first use)."""
+    say: Callable[[str], None]
+
+    @property
+    def processor(self) -> Any:
+        return self.io.processor
+
+    @property
+    def main(self) -> bool:
+        """This process writes files and prints (rank 0, or the only process)."""
+        return self.run.is_main
+
+    @property
+    def rollout(self) -> Callable[..., list[Response]]:
+        """The backend, sharded across processes when there are several."""
+        if self.accelerator is None:
+            return self.backend
+        return functools.partial(generate_sharded, self.accelerator, generate_fn=self.backend)
+
+    def sample(
+        self,
+        model: torch.nn.Module,
+        prompts: Sequence[Sample],
+        temperature: float,
+        *,
+        seed: int,
+        it: int,
+        k: int | None = None,
+    ) -> list[Response]:
+        """`k` (default `gen.k`) responses per prompt at `temperature`, from `seed`, so a resumed
+        run draws the same ones; `it` tags them with the iteration."""
+        gen = self.cfg.gen
+        torch.manual_seed(seed)
+        return self.rollout(
+            model,
+            self.io,
+            prompts,
+            k=gen.k if k is None else k,
+            temperature=temperature,
+            top_p=gen.top_p,
+            max_new_tokens=gen.max_new_tokens,
+            batch_size=gen.batch_size,
+            iteration=it,
+            desc=f"iter {it} generate",
+            progress=self.cfg.progress,
+        )
+
+    def close(self) -> None:
+        """Free what the backend holds (a vLLM engine's GPU memory, a CPU pool's processes)."""
+        if hasattr(self.backend, "close"):
+            self.backend.close()
+
+
+def prompt_encoder(cfg: Config) -> VLMInputs:
+    """The model's processor with the run's prompt template and system turn."""
+    processor = load_processor(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
+    return VLMInputs(processor, cfg.model.prompt_template, cfg.model.system_prompt or None)
+
+
+def open_run(cfg: Config, resume: bool = False, console: Any = None, io: VLMInputs | None = None) -> RunContext:
+    """Threads, processes, the run directory (checked against a resumed run's config) and the
+    prompt encoder (`io`, loaded when not given): everything a stage needs but the model and
+    the data."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if not cfg.progress:  # transformers' own bars (loading and writing weights) too
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    # Tiny gradients and Adam moments decay into denormal floats, which run ~10x slower on CPU.
+    torch.set_flush_denormal(True)
+    accelerator = maybe_accelerator(cfg)  # None on one process
+    main = accelerator is None or accelerator.is_main_process
+    cfg.progress = cfg.progress and main
+    if resume:
+        check_same_run(Path(cfg.output_dir), cfg)  # before the run directory is touched
+    run = (
+        SharedRunDir(cfg.output_dir, accelerator, resume=resume)
+        if accelerator
+        else RunDir(cfg.output_dir, resume=resume)
+    )
+    if main:
+        atomic_write_text(run.root / "config.yaml", dump_yaml(cfg))
+    device = accelerator.device if accelerator else resolve_device(cfg.device)
+    io = io or prompt_encoder(cfg)
+    say = console.print if console is not None and main else (lambda *a, **k: None)
+    return RunContext(cfg, run, io, device, accelerator, make_rollout(cfg), say)
+
+
+def check_same_run(root: Path, cfg: Config) -> None:
+    """Refuse to resume with a config whose results would differ from the saved run's."""
+    path = root / "config.yaml"
+    if not path.exists():
+        return  # killed before its config was written: nothing was computed yet
+    try:
+        saved = load_config(path)
+    except Exception as err:
+        raise RunDirError(f"{path}: cannot read the resumed run's config: {err}") from None
+    conflicts = resume_conflicts(saved, cfg)
+    if conflicts:
+        raise RunDirError(
+            f"{root}: --resume continues a run with the config it started with, and these keys "
+            f"differ (saved -> now): {'; '.join(conflicts)}. Resume with the saved values "
+            f"({path}), or start a new output directory."
+        )

@@ -1,0 +1,94 @@
+"""Where a run executes: one process, or several under `torchrun` / `accelerate launch`.
+
+Launch on CPU (gloo; `accelerate launch --cpu --num_processes 2` silently runs one process)::
+
+    torchrun --nproc_per_node 2 -m evostar.cli evolve --config run.yaml device=cpu
+    ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 --num_machines 1 ...
+
+FSDP and DeepSpeed (and their mixed precision) come from the launcher's config file
+(`configs/accelerate/`), not from here. What crosses processes, and how the trainers split work,
+is described in `evostar.train.distributed` and `evostar.rollout.sharded`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from evostar.config import Config, refuse
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+
+def launched_distributed() -> bool:
+    """True under `torchrun` / `accelerate launch` with more than one process."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def resolve_device(name: str) -> torch.device:
+    """`Config.device` as a torch device (`auto`: CUDA when there is one)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def make_accelerator(cfg: Config | None = None) -> Accelerator:
+    """The run's `Accelerator`: CPU (gloo) unless CUDA is there and the config allows it.
+
+    `find_unused_parameters=True` because some VLMs leave parameters out of the loss (LLaVA's
+    CLIP post-layernorm); DDP would otherwise fail on the first step. `optim.autocast` adds bf16
+    autocast to the SFT forward under any launcher.
+    """
+    from accelerate import Accelerator, DistributedDataParallelKwargs, InitProcessGroupKwargs
+
+    device = cfg.device if cfg is not None else "auto"
+    handlers: list[Any] = [DistributedDataParallelKwargs(find_unused_parameters=True)]
+    cpu = device == "cpu" or not torch.cuda.is_available()
+    if cpu and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        # accelerate drops DeepSpeed when told cpu=True; DeepSpeed's own CPU accelerator runs
+        # over gloo, which accelerate only picks for CPU when asked
+        cpu = False
+        handlers.append(InitProcessGroupKwargs(backend="gloo"))
+    return Accelerator(cpu=cpu, kwargs_handlers=handlers)
+
+
+def maybe_accelerator(cfg: Config | None = None) -> Accelerator | None:
+    """`make_accelerator(cfg)` when launched with several processes, else None (one process)."""
+    return make_accelerator(cfg) if launched_distributed() else None
+
+
+def check_environment(cfg: Config) -> None:
+    """Refuse what this machine cannot run (called at the start of a run, before any compute)."""
+    if cfg.device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise refuse("device", cfg.device, "no CUDA device on this machine: use cpu or auto")
+        index = int(cfg.device.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise refuse("device", cfg.device, f"this machine has {torch.cuda.device_count()} CUDA device(s)")
+    on_cpu = cfg.device == "cpu" or not torch.cuda.is_available()
+    if (cfg.gen.workers > 1 or cfg.gen.rollout_dtype) and (launched_distributed() or not on_cpu):
+        raise refuse(
+            "gen.workers",
+            cfg.gen.workers,
+            "gen.workers / gen.rollout_dtype are for one process on "
+            "CPU; under torchrun / accelerate every rank already samples its shard, and a GPU run "
+            "uses gen.backend=vllm",
+        )
+    if cfg.gen.backend == "vllm":
+        if importlib.util.find_spec("vllm") is None:
+            raise refuse("gen.backend", "vllm", "vllm is not installed: pip install 'evostar[vllm]' (CUDA only)")
+        if on_cpu:
+            raise refuse("gen.backend", "vllm", "vLLM needs a CUDA GPU: use gen.backend=hf on CPU")
+    if cfg.model.lora_r > 0 and importlib.util.find_spec("peft") is None:
+        raise refuse("model.lora_r", cfg.model.lora_r, "LoRA needs peft: pip install 'evostar[peft]'")
+    if cfg.model.quantize_4bit:
+        from evostar.models.lora import QLoRAUnavailableError, check_4bit_possible
+
+        try:
+            check_4bit_possible()
+        except QLoRAUnavailableError as err:
+            raise refuse("model.quantize_4bit", True, str(err)) from None
