@@ -86,6 +86,12 @@ def record(rid: str, question: str = "How many?", answer=7, image: str | None = 
         ("train", [{**record("a"), "id": [1]}], ["record 0", "'id'"]),
         ("train", [{**record("a", answer="A"), "choices": [{"x": 1}, "b"]}], ["record 0", "'choices'"]),
         ("train", [record("a", question="")], ["record 0", "'question'"]),
+        ("train", [record("a", answer=float("nan"))], ["record 0", "'answer'", "finite"]),
+        (
+            "train",
+            [{"id": "a", "conversations": [{"from": "human", "value": ["How many?"]}]}],
+            ["record 0", "'conversations'", "text"],
+        ),
         ("train", '"just a string"', ["expected a JSON list"]),
         ("train", "{not json", ["malformed JSON"]),
         ("train", [record("a"), record("a")], ["record 1", "duplicate"]),
@@ -143,6 +149,14 @@ def _break_model(model: Path, how: str) -> None:
             (model / name).unlink(missing_ok=True)
     elif how == "bad_config_json":
         (model / "config.json").write_text("{oops")
+    elif how == "weights_missing_a_tensor":
+        from safetensors.torch import load_file, save_file
+
+        tensors = load_file(weights)
+        del tensors[sorted(tensors)[3]]
+        save_file(tensors, weights, metadata={"format": "pt"})
+    elif how == "no_chat_template":
+        (model / "chat_template.jinja").unlink()
     elif how == "unknown_model_type":
         config = json.loads((model / "config.json").read_text())
         config["model_type"] = "no_such_architecture"
@@ -262,3 +276,95 @@ def test_internal_errors_say_so_and_debug_shows_the_traceback(monkeypatch, tmp_p
     assert result.exit_code == 1 and "internal error" in result.output and "boom" in result.output
     result = runner.invoke(app, ["--debug", "config"])
     assert isinstance(result.exception, RuntimeError)
+
+
+def test_a_config_key_given_twice(tmp_path):
+    path = tmp_path / "twice.yaml"
+    path.write_text("gen:\n  k: 2\n  k: 3\n")
+    refused(runner.invoke(app, ["config", "--config", str(path)]), "twice.yaml", "line 3", "given twice")
+
+
+@pytest.fixture
+def iterated_run(tiny, tmp_path):
+    """A run with one finished iteration (so it has a loop checkpoint)."""
+    config = base_config(tiny, tmp_path / "run")
+    config["evolve"] = {"iterations": 1, "steps_per_iteration": 1, "optim": {"batch_size": 2}}
+    result = evolve(config, tmp_path)
+    assert result.exit_code == 0, result.output
+    return config
+
+
+@pytest.mark.parametrize(
+    "damage, needles",
+    [
+        ("progress_completed_not_a_list", ["progress.json", "not an evostar progress file"]),
+        ("progress_results_a_list", ["progress.json", "not an evostar progress file"]),
+        ("state_a_list", ["state.json", "expected a JSON object"]),
+        ("state_extra_key", ["state.json", "not a loop state"]),
+        ("state_bad_types", ["state.json", "not a loop state"]),
+        ("no_trainer_state", ["trainer.pt", "missing"]),
+        ("no_config_yaml", ["config.yaml is missing"]),
+    ],
+)
+def test_a_damaged_run_directory_is_named_on_resume(iterated_run, tmp_path, damage, needles):
+    run = Path(iterated_run["output_dir"])
+    progress = json.loads((run / "progress.json").read_text())
+    # resume the loop: the final stage and the iteration's finish are undone
+    progress["completed"] = [s for s in progress["completed"] if s != "final"]
+    state = run / "checkpoints" / "iter_1" / "state.json"
+    saved = json.loads(state.read_text())
+    if damage == "progress_completed_not_a_list":
+        progress["completed"] = "base"
+    elif damage == "progress_results_a_list":
+        progress["results"] = []
+    elif damage == "state_a_list":
+        state.write_text("[]")
+    elif damage == "state_extra_key":
+        state.write_text(json.dumps({**saved, "bogus": 1}))
+    elif damage == "state_bad_types":
+        state.write_text(json.dumps({**saved, "cursor": "many"}))
+    elif damage == "no_trainer_state":
+        (run / "checkpoints" / "iter_1" / "trainer.pt").unlink()
+    elif damage == "no_config_yaml":
+        (run / "config.yaml").unlink()
+    (run / "progress.json").write_text(json.dumps(progress))
+    refused(evolve(iterated_run, tmp_path, "--resume"), *needles)
+
+
+def test_garbage_in_metrics_does_not_stop_a_resume(finished_run, tmp_path):
+    metrics = Path(finished_run["output_dir"]) / "metrics.jsonl"
+    metrics.write_bytes(metrics.read_bytes() + b"\xc2\xff garbage\n")
+    result = evolve(finished_run, tmp_path, "--resume")
+    assert result.exit_code == 0, result.output
+    assert all(json.loads(line) for line in metrics.read_text().splitlines())
+
+
+@pytest.mark.parametrize("summary", ["[]", '{"accuracy": {}}', '{"iterations": []}'])
+def test_report_on_a_damaged_summary(finished_run, summary):
+    path = Path(finished_run["output_dir"]) / "summary.json"
+    path.write_text(summary)
+    refused(runner.invoke(app, ["report", str(path.parent)]), "summary.json", "not an evostar summary")
+
+
+def test_report_on_an_unfinished_run(tmp_path):
+    (tmp_path / "run").mkdir()
+    refused(runner.invoke(app, ["report", str(tmp_path / "run")]), "no summary.json")
+
+
+@pytest.mark.parametrize(
+    "problems, needles",
+    [
+        (b"\xbf\xff\x00", ["UTF-8"]),
+        (b"[]", ["no problems"]),
+        (b'{"1": {"question_type": "free_form", "answer_type": "integer", "answer": null}}', ["'answer'"]),
+        (b'{"1": {"question_type": "free_form", "answer_type": "mystery", "answer": "1"}}', ["'answer_type'"]),
+    ],
+)
+def test_score_refuses_bad_problem_files(tmp_path, problems, needles):
+    data = tmp_path / "problems.json"
+    data.write_bytes(problems)
+    responses = tmp_path / "r.jsonl"
+    responses.write_text(json.dumps({"pid": "1", "response": "# Answer\n\n1"}) + "\n")
+    refused(
+        runner.invoke(app, ["score", "--data", str(data), "--responses", str(responses)]), "problems.json", *needles
+    )

@@ -123,7 +123,15 @@ def test_evolve_cli_on_real_format_data(tmp_path):
 
     proc = subprocess.run(
         # the override also checks that the CLI takes the wsd schedule the trainer has
-        [sys.executable, "-m", "evostar.cli", "evolve", "--config", str(tmp_path / "cfg.yaml"), "warmup.optim.schedule=wsd"],
+        [
+            sys.executable,
+            "-m",
+            "evostar.cli",
+            "evolve",
+            "--config",
+            str(tmp_path / "cfg.yaml"),
+            "warmup.optim.schedule=wsd",
+        ],
         env=ENV,
         capture_output=True,
         text=True,

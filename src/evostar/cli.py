@@ -132,18 +132,24 @@ def eval_cmd(
     from evostar.data.loaders import load_samples
     from evostar.data.parse import DataError
     from evostar.evaluate import evaluate
-    from evostar.models.hub import load_model, load_processor
+    from evostar.models.hub import context_length, load_model, load_processor
     from evostar.models.inputs import VLMInputs
+    from evostar.pipeline import check_prompts_fit
     from evostar.rundir import dumps, write_jsonl
 
     ModelConfig(prompt_template=prompt_template)  # the template check of `evostar evolve`
+    if responses is not None:  # before the compute that fills it
+        if responses.is_dir():
+            fail(f"--responses {responses}: a directory, not a file")
+        responses.parent.mkdir(parents=True, exist_ok=True)
     processor = load_processor(model, trust_remote_code=trust_remote_code)
     samples = {path: load_samples(path, image_root=image_root or None) for path in data}
+    io = VLMInputs(processor, prompt_template)
     for path, rows in samples.items():
         if not rows:
             raise DataError(f"{path}: no records to evaluate")
+        check_prompts_fit(io, context_length(model, trust_remote_code), rows, str(path), max_new_tokens)
     net = load_model(model, trust_remote_code=trust_remote_code, device="cuda" if torch.cuda.is_available() else "cpu")
-    io = VLMInputs(processor, prompt_template)
     gen = GenerationConfig(max_new_tokens=max_new_tokens, eval_batch_size=batch_size)
     result, rows = {}, []
     for path, items in samples.items():

@@ -109,6 +109,9 @@ def check_fields(section: Any) -> None:
         value, meta = getattr(section, f.name), f.metadata
         if value is None or dataclasses.is_dataclass(value):
             continue
+        expected = hints[f.name]
+        if expected in (int, float, bool, str) and not _is_a(value, expected):
+            raise refuse(f.name, value, f"expected {expected.__name__}, got {type(value).__name__}")
         if meta.get("check") is not None and (problem := meta["check"](value)):
             raise refuse(f.name, value, problem)
         choices = _choices(hints[f.name])
@@ -119,6 +122,14 @@ def check_fields(section: Any) -> None:
                 raise refuse(f.name, value, "not a finite number")
             if not _within(value, meta):
                 raise refuse(f.name, value, f"must be {meta['allowed']}")
+
+
+def _is_a(value: Any, tp: type) -> bool:
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, tp)
 
 
 def _within(value: float, meta: Any) -> bool:
@@ -359,6 +370,9 @@ def check_combinations(cfg: Config) -> None:
             "ranks responses by Response.score, and nothing fills it yet (evostar has no process "
             "reward model so far): choose all or random_k",
         )
+    for key, k in (("gen.k", gen.k), ("eval.pass_k", cfg.eval.pass_k), ("warmup.hinted_k", warm.hinted_k)):
+        if k > gen.batch_size:  # a prompt's K samples share one generate call
+            raise refuse(key, k, f"more than gen.batch_size={gen.batch_size} sequences per generate call")
     if model.quantize_4bit and model.lora_r <= 0:
         raise refuse("model.quantize_4bit", True, "QLoRA trains adapters on the 4-bit base: set model.lora_r > 0")
     if gen.backend != "hf" and (gen.workers > 1 or gen.rollout_dtype):
@@ -389,7 +403,7 @@ def from_dict(cls: type, data: Any, where: str = "") -> Any:
         raise ConfigError(f"{where or 'config'}: expected a mapping of keys, got {type(data).__name__} {data!r}", where)
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(data) - set(names))
+    unknown = sorted(str(k) for k in data if k not in names)
     if unknown:
         raise ConfigError(
             f"unknown key(s) {[prefix + str(u) for u in unknown]}; known under {where or 'the top'}: {names}"
@@ -467,6 +481,19 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (YAML keeps the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Defaults, then the YAML file at `path`, then `key=value` overrides; checked."""
     data: dict[str, Any] = {}
@@ -475,7 +502,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not p.is_file():
             raise ConfigError(f"{p}: config file not found" if not p.exists() else f"{p}: not a file")
         try:
-            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+            data = yaml.load(p.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
+        except yaml.MarkedYAMLError as err:
+            mark = err.problem_mark
+            at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            raise ConfigError(f"{p}: not valid YAML{at}: {err.problem or err}") from None
         except (yaml.YAMLError, UnicodeDecodeError) as err:
             raise ConfigError(f"{p}: not valid YAML: {err}") from None
         if not isinstance(data, dict):

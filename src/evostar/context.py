@@ -19,7 +19,7 @@ from evostar.models.inputs import VLMInputs
 from evostar.records import Response, Sample
 from evostar.rollout import make_rollout
 from evostar.rollout.sharded import generate_sharded
-from evostar.rundir import RunDir, SharedRunDir, atomic_write_text
+from evostar.rundir import RunDir, SharedRunDir, atomic_write_text, read_json
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -102,7 +102,7 @@ def open_run(cfg: Config, resume: bool = False, console: Any = None, io: VLMInpu
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    # Tiny gradients and Adam moments decay into denormal floats, which run ~10x slower on CPU.
+    # Tiny gradients and Adam moments decay into denormal floats, which run many times slower on CPU.
     torch.set_flush_denormal(True)
     accelerator = maybe_accelerator(cfg)  # None on one process
     main = accelerator is None or accelerator.is_main_process
@@ -126,6 +126,10 @@ def check_same_run(root: Path, cfg: Config) -> None:
     """Refuse to resume with a config whose results would differ from the saved run's."""
     path = root / "config.yaml"
     if not path.exists():
+        progress = root / "progress.json"
+        finished = read_json(progress, "run's progress").get("completed", []) if progress.exists() else []
+        if set(finished) - {"setup"}:  # the demo's setup stage comes before the config is written
+            raise RunDirError(f"{path} is missing, so --resume cannot check it continues the same run")
         return  # killed before its config was written: nothing was computed yet
     try:
         saved = load_config(path)

@@ -55,7 +55,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "ood_style_strength": 0.5,
         },
         "config": {
-            # Too short for the warm-up's plateau (~1,500 steps): part of this preset's gain is
+            # Too short for the warm-up's plateau (docs/experiments.md): part of this preset's gain is
             # what a longer warm-up would give too.
             "warmup": {"steps": 450, "eval_every": 150, **_WARMUP},
             "evolve": {"iterations": 5, "interval": 0.25, "optim": _EVOLVE_OPTIM},

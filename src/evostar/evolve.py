@@ -21,6 +21,7 @@ import torch
 from evostar.config import Config, EvolveConfig
 from evostar.context import RunContext
 from evostar.dynamics import accuracy, all_steps_correct_share, distinct_share, pass_at_k
+from evostar.errors import RunDirError
 from evostar.evaluate import evaluate, evaluate_pass_at_k, score
 from evostar.models.hub import load_policy
 from evostar.records import Response, Sample
@@ -38,6 +39,14 @@ class LoopState:
     """Prompts consumed so far (kept apart from the optimizer step: resume never skips data)."""
     temperature: float = 1.0
     history: list[dict] = field(default_factory=list)
+
+    @classmethod
+    def from_checkpoint(cls, saved: dict, path: Path) -> LoopState:
+        """The state a checkpoint's state.json holds, or a RunDirError naming the file."""
+        kinds = {"iteration": int, "cursor": int, "temperature": (int, float), "history": list}
+        if set(saved) != set(kinds) or not all(isinstance(saved[k], t) for k, t in kinds.items()):
+            raise RunDirError(f"{path}: not a loop state ({sorted(kinds)} with their types); it may be damaged")
+        return cls(**saved)
 
 
 def evolve(
@@ -79,9 +88,12 @@ def start_or_resume(ctx: RunContext, model: torch.nn.Module) -> tuple[torch.nn.M
     last = f"iter_{done[-1]}" if done else None
     if last:
         model = load_policy(cfg.model, run.checkpoint_dir(last), device=model.device)
-        state = LoopState(**run.load_state(last))
+        state = LoopState.from_checkpoint(run.load_state(last), run.checkpoint_dir(last) / "state.json")
     trainer = make_trainer(model, ctx.io, cfg.evolve.optim, ctx.accelerator)  # [distributed]
-    if last and (saved := run.load_trainer_state(last)) is not None:
+    if last:
+        saved = run.load_trainer_state(last)
+        if saved is None:  # a fresh optimizer would silently change the rest of the run
+            raise RunDirError(f"{run.checkpoint_dir(last)}: trainer.pt (optimizer and schedule) is missing")
         trainer.load_state_dict(saved)
     return model, trainer, state
 

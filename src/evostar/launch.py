@@ -78,6 +78,11 @@ def check_environment(cfg: Config) -> None:
             "CPU; under torchrun / accelerate every rank already samples its shard, and a GPU run "
             "uses gen.backend=vllm",
         )
+    cores = os.cpu_count() or 1
+    if cfg.threads > cores:
+        raise refuse("threads", cfg.threads, f"more threads than this machine's {cores} CPU cores (0: all of them)")
+    if cfg.gen.workers > cores:
+        raise refuse("gen.workers", cfg.gen.workers, f"more processes than this machine's {cores} CPU cores")
     if cfg.gen.backend == "vllm":
         if importlib.util.find_spec("vllm") is None:
             raise refuse("gen.backend", "vllm", "vllm is not installed: pip install 'evostar[vllm]' (CUDA only)")

@@ -99,31 +99,37 @@ def _nonempty(samples: list[Sample], path: str, role: str) -> list[Sample]:
 def check_fit(io: VLMInputs, context: int | None, cfg: Config, data: Data) -> None:
     """Refuse prompts (and warm-up targets) that do not fit the model's `context` with
     `gen.max_new_tokens` of room, and images the processor cannot take, before any compute."""
-    if context is None:
-        return
-    room = cfg.gen.max_new_tokens
     sets = {"train": data.train, "val": data.val, "seed_cot": data.seed_cot}
     sets.update({f"test {n}": s for n, s in data.tests.items()})
     for role, samples in sets.items():
-        for sample in samples:
-            try:
-                n = io.prompt_length(sample)
-            except Exception as err:  # the processor's own errors, of many types
-                raise DataError(
-                    f"{_where(sample, data, role)}: field 'image': the processor cannot take it: {err}"
-                ) from None
-            extra = len(io.encode_response(sample.target)) if role == "seed_cot" else room
-            if n + extra > context:
-                what = f"the target is {extra} tokens" if role == "seed_cot" else f"gen.max_new_tokens={room}"
-                raise DataError(
-                    f"{_where(sample, data, role)}: field 'question': the prompt is {n} tokens and {what}; "
-                    f"together more than the model's context of {context} tokens (max_position_embeddings)"
-                )
+        check_prompts_fit(io, context, samples, data.files.get(role, role), cfg.gen.max_new_tokens, role)
 
 
-def _where(sample: Sample, data: Data, role: str) -> str:
-    index = str(sample.meta.get("source", "")).rpartition(":")[2]
-    return f"{data.files.get(role, role)} record {index} (id {sample.id!r})"
+def check_prompts_fit(
+    io: VLMInputs, context: int | None, samples: list[Sample], path: str, room: int, role: str = ""
+) -> None:
+    """`samples` (from the file at `path`) refused with file, record and field named when a
+    prompt plus `room` new tokens exceeds `context` or the processor cannot take an image.
+
+    `role` "seed_cot" checks the gold target instead of `room`, "train" adds the end-of-turn
+    tokens an SFT target of a sampled response carries."""
+    if context is None:
+        return
+    for sample in samples:
+        where = f"{path} record {str(sample.meta.get('source', '')).rpartition(':')[2]} (id {sample.id!r})"
+        try:
+            n = io.prompt_length(sample)
+        except Exception as err:  # the processor's own errors, of many types
+            raise DataError(f"{where}: field 'image': the processor cannot take it: {err}") from None
+        if role == "seed_cot":
+            extra, what = len(io.encode_response(sample.target)), "its chain of thought and answer are"
+        else:
+            extra, what = room + (len(io.turn_end_ids) if role == "train" else 0), "the room for new tokens is"
+        if n + extra > context:
+            raise DataError(
+                f"{where}: field 'question': the prompt is {n} tokens and {what} {extra} (gen.max_new_tokens="
+                f"{room}); together more than the model's context of {context} tokens (max_position_embeddings)"
+            )
 
 
 # --------------------------------------------------------------------------------- stages
@@ -157,7 +163,6 @@ def warm_up(ctx: RunContext, model: torch.nn.Module, data: Data) -> tuple[torch.
     if run.done("warmup"):
         model = load_policy(cfg.model, run.checkpoint_dir("warmup"), device=ctx.device)
     else:
-        t0 = time.perf_counter()
         info = warmup(
             model,
             ctx.io,
@@ -171,8 +176,9 @@ def warm_up(ctx: RunContext, model: torch.nn.Module, data: Data) -> tuple[torch.
             accelerator=ctx.accelerator,
             run=run,
         )
+        t_tests = time.perf_counter()
         info["tests"] = evaluate_tests(ctx, model, data.tests, "warm-up")
-        info["seconds"] = time.perf_counter() - t0
+        info["seconds"] += time.perf_counter() - t_tests  # training (across resumes) and the tests
         run.save_checkpoint("warmup", model, ctx.processor, state={"stage": "warmup"})
         run.log("warmup", **info)
         run.finish("warmup_curve")

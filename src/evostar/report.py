@@ -14,7 +14,15 @@ def load_summary(run_dir: Path) -> dict[str, Any]:
     path = Path(run_dir) / "summary.json"
     if not path.exists():
         raise RunDirError(f"{run_dir}: no summary.json (the run has not finished; --resume it first)")
-    return read_json(path, "run summary")
+    summary = read_json(path, "run summary")
+    if not (
+        isinstance(summary, dict)
+        and isinstance(summary.get("iterations"), list)
+        and isinstance(summary.get("accuracy"), dict)
+        and isinstance(summary["accuracy"].get("final"), dict)
+    ):
+        raise RunDirError(f"{path}: not an evostar summary (no accuracy per stage and iterations); it may be damaged")
+    return summary
 
 
 def plot_accuracy(summary: dict[str, Any], out: Path) -> Path:

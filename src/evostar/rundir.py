@@ -59,6 +59,8 @@ os.umask(_UMASK)
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     path = Path(path)
+    if path.exists() and not path.is_file():  # a rename would replace a directory or a device
+        raise RunDirError(f"{path}: exists and is not a regular file; choose a file path")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -109,6 +111,15 @@ def hash_str(s: str) -> int:
 
 
 # --------------------------------------------------------------------------------- the directory
+def _is_progress(progress: Any) -> bool:
+    return (
+        isinstance(progress, dict)
+        and isinstance(progress.get("completed"), list)
+        and all(isinstance(stage, str) for stage in progress["completed"])
+        and isinstance(progress.get("results"), dict)
+    )
+
+
 class RunDir:
     """One run's directory: progress, metrics, checkpoints. `resume=True` continues it."""
 
@@ -134,8 +145,11 @@ class RunDir:
         self.progress: dict[str, Any] = {"completed": [], "results": {}}
         if resume:
             self.progress = read_json(self.root / "progress.json", "run's progress")
-            if not isinstance(self.progress, dict) or not {"completed", "results"} <= set(self.progress):
-                raise RunDirError(f"{self.root / 'progress.json'}: not an evostar progress file")
+            if not _is_progress(self.progress):
+                raise RunDirError(
+                    f"{self.root / 'progress.json'}: not an evostar progress file (expected "
+                    '{"completed": [stage names], "results": {stage: result}}); it may be damaged'
+                )
             self._truncate_metrics()
 
     def barrier(self) -> None:
@@ -169,7 +183,7 @@ class RunDir:
         if not path.exists():
             return
         keep = []
-        for line in path.read_text().splitlines():
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
             try:
                 row = json.loads(line)
             except json.JSONDecodeError:
@@ -222,7 +236,11 @@ class RunDir:
             raise RunDirError(f"{path}: cannot read the trainer state: {err}") from None
 
     def load_state(self, stage: str) -> dict:
-        return read_json(self.checkpoint_dir(stage) / "state.json", "checkpoint state")
+        path = self.checkpoint_dir(stage) / "state.json"
+        state = read_json(path, "checkpoint state")
+        if not isinstance(state, dict):
+            raise RunDirError(f"{path}: expected a JSON object, got {type(state).__name__}; it may be damaged")
+        return state
 
     def prune_checkpoints(self, keep: Iterable[str]) -> None:
         keep = set(keep)

@@ -154,7 +154,7 @@ def _load_hub(repo: str, split: str | None) -> Any:
 
 
 def _rows(ds: Any, batch_size: int = 256) -> Iterator[dict[str, Any]]:
-    """Rows as plain dicts, read in batches (per-row Arrow access is ~10x slower on 100K rows).
+    """Rows as plain dicts, read in batches (per-row Arrow access is much slower).
 
     `Image` columns are cast to ``decode=False`` so their encoded bytes come back untouched
     (``{"bytes", "path"}``): no decode/re-encode per image. Images inside lists arrive decoded.

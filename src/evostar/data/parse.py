@@ -6,6 +6,7 @@ of a traceback deep inside a training run hours later.
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,8 @@ def _scalar(rec: dict[str, Any], field: str, where: Where) -> str | None:
     value = rec.get(field)
     if isinstance(value, bool) or not isinstance(value, (str, int, float, type(None))):
         raise where.error(field, f"expected text or a number, got {type(value).__name__} {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise where.error(field, f"expected text or a finite number, got {value!r}")
     return _text(value)
 
 
@@ -79,6 +82,9 @@ def _conversations(rec: dict[str, Any], where: Where) -> tuple[str, str | None, 
     human = next((i for i, t in enumerate(turns) if t.get("from") in _HUMAN), None)
     if human is None:
         raise where.error("conversations", "no human turn")
+    for turn in turns:
+        if not isinstance(turn.get("value"), (str, type(None))):
+            raise where.error("conversations", f"a turn's 'value' must be text, got {type(turn['value']).__name__}")
     question = _text(str(turns[human].get("value") or "").replace(IMAGE_TAG, ""))
     if question is None:
         raise where.error("conversations", "the human turn has no question text")

@@ -149,6 +149,13 @@ def load_processor(path: str | os.PathLike, trust_remote_code: bool = False) -> 
     if not isinstance(processor, ProcessorMixin):
         # AutoProcessor silently falls back to a bare tokenizer when no processor matches.
         raise ModelLoadError(f"{path}: AutoProcessor returned {type(processor).__name__}, not a multimodal processor")
+    try:  # every prompt is rendered by the chat template
+        processor.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": "x"}]}], tokenize=False)
+    except Exception as err:
+        raise ModelLoadError(
+            f"{path}: the processor cannot render a chat (is chat_template.jinja, or chat_template in its "
+            f"processor or tokenizer config, missing?): {err}"
+        ) from None
     tokenizer = getattr(processor, "tokenizer", None)
     # Without its files transformers builds an empty tokenizer silently (it encodes text to nothing).
     if tokenizer is None or len(tokenizer) <= 1 or not tokenizer("0 1 2", add_special_tokens=False)["input_ids"]:
@@ -182,11 +189,24 @@ def load_model(
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
         with full_weights():
-            model = auto_model_class(config, trust_remote_code).from_pretrained(
-                path, config=config, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True, **kwargs
+            model, info = auto_model_class(config, trust_remote_code).from_pretrained(
+                path,
+                config=config,
+                dtype=dtype,
+                trust_remote_code=trust_remote_code,
+                use_safetensors=True,
+                output_loading_info=True,
+                **kwargs,
             )
     except Exception as err:  # safetensors, transformers and torch raise many types for bad files
         raise _load_error(path, "model", err) from err
+    # transformers initialises missing or mis-shaped weights at random and only logs it
+    for kind in ("missing_keys", "mismatched_keys"):
+        keys = sorted(map(str, info.get(kind) or ()))
+        if keys:
+            shown = ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+            what = "has no weights for" if kind == "missing_keys" else "has weights of the wrong shape for"
+            raise ModelLoadError(f"{path}: the checkpoint {what} {shown}: is it from another architecture or damaged?")
     if getattr(model, "hf_device_map", None) is not None:
         return model  # placed by a `device_map` (e.g. a 4-bit QLoRA base): `.to` would undo it
     return model.to(device)

@@ -134,7 +134,7 @@ def freeze_projector(model: torch.nn.Module) -> int:
 
 
 def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
-    """Recompute activations in the backward pass: memory for ~30% more compute.
+    """Recompute activations in the backward pass: less memory for more compute.
 
     Non-reentrant checkpointing also works when the inputs of a block need no gradient (frozen
     embeddings under LoRA), which the reentrant variant silently gets wrong.

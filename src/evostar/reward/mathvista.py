@@ -464,6 +464,20 @@ def _check_problem(path: Path, where: str, record: Any) -> None:
         raise ScoreInputError(f"{path}: {where}: field 'choices' must be a list for multi_choice")
     if "metadata" in record and not isinstance(record["metadata"], dict):
         raise ScoreInputError(f"{path}: {where}: field 'metadata' must be an object")
+    answer = record.get("answer")
+    if answer is None or isinstance(answer, (bool, dict, list)):
+        raise ScoreInputError(f"{path}: {where}: field 'answer' must be text or a number, got {answer!r}")
+    if record.get("answer_type", "text") not in ("text", "integer", "float", "list"):
+        raise ScoreInputError(
+            f"{path}: {where}: field 'answer_type' must be text, integer, float or list, got {record['answer_type']!r}"
+        )
+    precision = record.get("precision")
+    if precision is not None and (
+        isinstance(precision, bool) or not isinstance(precision, (int, float)) or precision < 0
+    ):
+        raise ScoreInputError(f"{path}: {where}: field 'precision' must be a number >= 0, got {precision!r}")
+    if record["question_type"] == "multi_choice" and not record["choices"]:
+        raise ScoreInputError(f"{path}: {where}: field 'choices' is empty for a multi_choice problem")
 
 
 def load_mathvista_problems(path: str | Path) -> dict[str, dict[str, Any]]:
@@ -475,6 +489,8 @@ def load_mathvista_problems(path: str | Path) -> dict[str, dict[str, Any]]:
         raise ScoreInputError(f"{path}: cannot read problems file: {e.strerror or e}") from e
     except json.JSONDecodeError as e:
         raise ScoreInputError(f"{path}: line {e.lineno}: invalid JSON: {e.msg}") from e
+    except UnicodeDecodeError as e:
+        raise ScoreInputError(f"{path}: cannot read problems file as UTF-8 text: {e}") from e
     problems: dict[str, dict[str, Any]] = {}
     if isinstance(data, dict):
         for key, record in data.items():
@@ -494,6 +510,8 @@ def load_mathvista_problems(path: str | Path) -> dict[str, dict[str, Any]]:
         raise ScoreInputError(
             f"{path}: expected an object keyed by pid or a list of records, got {type(data).__name__}"
         )
+    if not problems:
+        raise ScoreInputError(f"{path}: no problems to score")
     return problems
 
 

@@ -17,8 +17,8 @@ class InverseCDFSampler(LogitsProcessor):
 
     Temperature and top-p are applied here, then one uniform number per row is looked up in the
     cumulative probabilities (inverse-CDF sampling: the same distribution as `torch.multinomial`).
-    On CPU `multinomial` costs ~9 ms per decode step at 512 sequences, about a fifth of a tiny
-    model's whole step; this costs ~0.3 ms. The returned scores are 0 at the drawn token and
+    On CPU `multinomial` is a large share of a tiny model's decode step; this is a small one
+    (benchmarks/bench_rollout.py measures the backends). The returned scores are 0 at the drawn token and
     -inf elsewhere, so `generate` runs in greedy mode and takes exactly the drawn token.
     Randomness comes from torch's global generator, so `torch.manual_seed` fixes the samples.
     """

@@ -1,10 +1,9 @@
 """CPU rollouts split across single-thread processes that share one copy of the weights.
 
-Why: a tiny model's decode step is a chain of small kernels that intra-op threads barely share.
-Measured on the 2-core gym machine (tiny Qwen2-VL, K=4 samples of <=48 tokens): bf16 sampling at
-one thread is as fast as at two (~285 seq/s, against ~240 for fp32 at two threads), and two
-single-thread processes run side by side (~500 seq/s together). bf16 uses the CPU's bf16 matrix
-units where it has them (AVX-512 BF16 / AMX).
+Why: a tiny model's decode step is a chain of small kernels that intra-op threads barely share,
+so single-thread processes side by side sample faster than one process with all threads, and a
+bf16 copy uses the CPU's bf16 matrix units where it has them (AVX-512 BF16 / AMX).
+benchmarks/bench_rollout.py measures it.
 
 `RolloutPool` keeps the sampling weights (in `dtype`) in shared memory. Every call first copies the
 trainer's current weights into them (once per iteration, like a vLLM engine's weight push), then

@@ -53,7 +53,7 @@ class SFTTrainer:
         self.model = model
         self.io = io
         self.cfg = cfg
-        # Denormal floats in Adam moments slow CPU steps ~10x after a few dozen steps.
+        # Denormal floats in Adam moments slow CPU steps many times after a few dozen steps.
         torch.set_flush_denormal(True)
         self.reset_optimizer()
 

@@ -115,8 +115,11 @@ def warmup(
     run directory, every evaluation also checkpoints the warm-up and a later call resumes from
     the last one, ending exactly as an uninterrupted warm-up would.
     """
+    import time
+
     from evostar.evaluate import evaluate
 
+    t0 = time.perf_counter()
     checkpoint = WarmupCheckpoint(run) if run is not None else None
     resumed = checkpoint.load_into(model) if checkpoint is not None else None  # before the trainer copies it
     examples = [Example(s, s.target) for s in seed_samples]
@@ -124,8 +127,10 @@ def warmup(
     best: dict[str, Any] = {"accuracy": -1.0, "step": 0}
     curve: list[dict] = []
     best_in_memory: dict[str, torch.Tensor] | None = None
+    seconds_before = 0.0  # spent by the runs this one resumes
     if resumed is not None:
         trainer.load_state_dict(resumed["trainer"])
+        seconds_before = resumed.get("seconds", 0.0)
         best, curve = resumed["best"], resumed["curve"]
         for point in curve:  # the resumed run's metrics read like an uninterrupted one's
             if log:
@@ -154,7 +159,8 @@ def warmup(
         if improved:
             best = {"accuracy": metrics["accuracy"], "step": done}
         if checkpoint is not None:
-            checkpoint.save(model, trainer.state_dict(), {"best": best, "curve": curve}, improved)
+            state = {"best": best, "curve": curve, "seconds": seconds_before + time.perf_counter() - t0}
+            checkpoint.save(model, trainer.state_dict(), state, improved)
         elif improved:  # host memory: the accelerator has no room for a second copy
             best_in_memory = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
     if checkpoint is not None and curve:
@@ -162,4 +168,5 @@ def warmup(
     elif best_in_memory is not None:
         model.load_state_dict(best_in_memory)
     model.eval()
-    return {"best_step": best["step"], "best_val_accuracy": best["accuracy"], "curve": curve}
+    seconds = seconds_before + time.perf_counter() - t0
+    return {"best_step": best["step"], "best_val_accuracy": best["accuracy"], "curve": curve, "seconds": seconds}

@@ -34,7 +34,7 @@ EVAL_FRACTION = 0.2
 @lru_cache(maxsize=1)
 def _digits() -> tuple[np.ndarray, np.ndarray]:
     """(images [1797, 8, 8] with values 0..16, labels [1797]) from scikit-learn (offline)."""
-    from sklearn.datasets import load_digits  # lazy: sklearn import costs ~1 s
+    from sklearn.datasets import load_digits  # lazy: sklearn's import is slow
 
     d = load_digits()
     return d.images.astype(np.float32), d.target.astype(np.int64)
