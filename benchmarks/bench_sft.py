@@ -17,6 +17,7 @@ objective.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import tempfile
 import time
 import traceback
@@ -109,6 +110,9 @@ def make_trl_trainer(model_dir: Path, dataset: Any, cfg: dict[str, Any], seed: i
     from trl import SFTTrainer as TRLSFTTrainer
 
     model, processor = load_model_and_processor(model_dir)
+    # the option's name changed in transformers 5.2x (gradient_ -> activation_checkpointing)
+    fields = {f.name for f in dataclasses.fields(SFTConfig)}
+    checkpointing = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
     args = SFTConfig(
         output_dir=out_dir,
         per_device_train_batch_size=cfg["batch_size"],
@@ -124,7 +128,7 @@ def make_trl_trainer(model_dir: Path, dataset: Any, cfg: dict[str, Any], seed: i
         use_cpu=True,
         bf16=False,
         fp16=False,
-        activation_checkpointing=False,
+        **{checkpointing: False},
         max_length=None,
         logging_strategy="no",
         save_strategy="no",
@@ -144,7 +148,7 @@ def make_trl_trainer(model_dir: Path, dataset: Any, cfg: dict[str, Any], seed: i
         def on_step_end(self, *a: Any, **kw: Any) -> None:
             self.stamps.append(time.perf_counter())
 
-    assert not (args.bf16 or args.fp16 or args.activation_checkpointing), "fp32 without checkpointing, like evostar"
+    assert not (args.bf16 or args.fp16 or getattr(args, checkpointing)), "fp32 without checkpointing, like evostar"
     trainer.remove_callback(PrinterCallback)  # it prints the final metrics dict
     trainer.bench_stamps = Stamps()
     trainer.add_callback(trainer.bench_stamps)

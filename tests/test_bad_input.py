@@ -368,3 +368,56 @@ def test_score_refuses_bad_problem_files(tmp_path, problems, needles):
     refused(
         runner.invoke(app, ["score", "--data", str(data), "--responses", str(responses)]), "problems.json", *needles
     )
+
+
+def test_output_files_are_checked_before_compute(tiny, tmp_path):
+    (tmp_path / "afile").write_text("x")
+    data = str(tiny / "data" / "val.json")
+    for target, needle in [
+        (tmp_path / "afile" / "r.jsonl", "afile is not a directory"),
+        (tmp_path, "not a regular file"),
+    ]:
+        result = runner.invoke(
+            app, ["eval", "--model", str(tiny / "model"), "--data", data, "--responses", str(target)]
+        )
+        refused(result, str(target), needle)
+        assert "eval" not in result.output.split("error:")[0]  # no evaluation ran first
+
+
+def test_report_names_what_is_wrong_with_its_paths(finished_run, tmp_path):
+    refused(runner.invoke(app, ["report", str(tmp_path / "nowhere")]), "no such directory")
+    (tmp_path / "afile").write_text("x")
+    refused(runner.invoke(app, ["report", str(tmp_path / "afile")]), "not a run directory")
+    run = finished_run["output_dir"]
+    refused(runner.invoke(app, ["report", run, "--out", str(tmp_path / "afile")]), "--out is a file")
+
+
+@pytest.mark.parametrize("content", ["", "output_dir: x\nseed: 0\n"])
+def test_a_damaged_saved_config_is_named_on_resume(finished_run, tmp_path, content):
+    (Path(finished_run["output_dir"]) / "config.yaml").write_text(content)
+    refused(evolve(finished_run, tmp_path, "--resume"), "config.yaml", "damaged")
+
+
+def test_ctrl_c_says_interrupted_and_the_run_resumes(tiny, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    config = base_config(tiny, tmp_path / "run")
+    config["evolve"] = {"iterations": 50, "steps_per_iteration": 1, "optim": {"batch_size": 2}}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+    cmd = [sys.executable, "-m", "evostar.cli", "evolve", "--config", str(tmp_path / "run.yaml")]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    child = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    progress = tmp_path / "run" / "progress.json"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (progress.exists() and "iter_1" in progress.read_text()):
+        time.sleep(0.05)
+    child.send_signal(signal.SIGINT)
+    _, err = child.communicate(timeout=120)
+    assert child.returncode == 130, err[-2000:]
+    assert "interrupted" in err and "Traceback" not in err and "internal error" not in err
+    config["evolve"]["iterations"] = 2  # a shorter run than the one started is refused ...
+    refused(evolve(config, tmp_path, "--resume"), "evolve.iterations: 50 -> 2")

@@ -23,8 +23,6 @@ CHOICE_KEYS = {
 REFUSED_CHOICES = {  # declared, but refused with their own message
     ("evolve.selection", "top_k"): "no process reward model",
     ("evolve.selection", "threshold"): "no process reward model",
-    ("warmup.optim.autocast", "fp16"): "loss scaling",
-    ("evolve.optim.autocast", "fp16"): "loss scaling",
 }
 ROWS = describe()
 NUMERIC = [r for r in ROWS if isinstance(r.default, (int, float)) and not isinstance(r.default, bool)]
@@ -143,6 +141,35 @@ def test_bad_values_name_the_key(override, needle):
 def test_values_that_do_not_work_together_are_refused(overrides, needle):
     with pytest.raises(ConfigError, match=re.escape(needle)):
         load_config(None, overrides)
+
+
+@pytest.mark.parametrize("key", ["warmup.optim.autocast", "evolve.optim.autocast"])
+def test_fp16_is_refused_with_its_reason(key):
+    with pytest.raises(ConfigError, match=f"{key}='fp16': not supported.*loss scaling"):
+        load_config(None, [f"{key}=fp16"])
+
+
+@pytest.mark.parametrize(
+    "override, attr, value",
+    [
+        ("model.system_prompt=yes", "system_prompt", "yes"),
+        ("model.path=007", "path", "007"),
+        ("model.prompt_template=Q: {question}", "prompt_template", "Q: {question}"),
+    ],
+)
+def test_text_keys_take_the_value_as_typed(override, attr, value):
+    assert getattr(load_config(None, [override]).model, attr) == value
+
+
+def test_large_integers_are_exact():
+    assert load_config(None, ["seed=99999999999999999999"]).seed == 99999999999999999999
+
+
+def test_yaml_booleans_are_not_text(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  system_prompt: yes\n")
+    with pytest.raises(ConfigError, match="model.system_prompt=True: expected text"):
+        load_config(path)
 
 
 def test_wsd_schedule_is_accepted_where_the_trainer_takes_it():

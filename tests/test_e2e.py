@@ -71,10 +71,16 @@ def comparable(summary: dict) -> dict:
     return out
 
 
-def test_demo_runs_and_resume_after_sigkill_is_exact(tmp_path):
-    full = tmp_path / "full"
-    proc = subprocess.run(demo_cmd(full), env=ENV, capture_output=True, text=True, timeout=600)
+@pytest.fixture(scope="module")
+def full(tmp_path_factory) -> Path:
+    """An uninterrupted run, the reference of every killed one."""
+    out = tmp_path_factory.mktemp("e2e") / "full"
+    proc = subprocess.run(demo_cmd(out), env=ENV, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def test_demo_runs_and_resume_after_sigkill_is_exact(full, tmp_path):
     summary = json.loads((full / "summary.json").read_text())
 
     # The summary has what the issue asks for.
@@ -122,13 +128,10 @@ def test_refuses_to_overwrite_a_run_without_resume(tmp_path):
     assert "--resume" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_warmup_killed_at_random_points_resumes_from_its_checkpoints(tmp_path):
+def test_warmup_killed_at_random_points_resumes_from_its_checkpoints(full, tmp_path):
     """SIGKILL twice at random points of the warm-up (between or during its checkpoint writes),
     resume each time: the resumed warm-up starts from its last checkpoint, not from step 0, and the
     run ends with the summary and weights of an uninterrupted one."""
-    full = tmp_path / "full"
-    proc = subprocess.run(demo_cmd(full), env=ENV, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
     rng = random.Random()
     first, second = sorted(rng.sample(range(1, 8), 2))
     delays = [rng.uniform(0, 0.3) for _ in range(2)]

@@ -142,7 +142,8 @@ def test_prepare_for_training_switches(checkpoint: Path, examples: list[Example]
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert any(".merger." in n for n in trainable) and any(".lora_A." in n for n in trainable)
     assert not any(".visual.blocks." in n for n in trainable)
-    assert model.get_base_model().is_activation_checkpointing
+    base = model.get_base_model()  # the attribute's name changed in transformers 5.2x
+    assert getattr(base, "is_activation_checkpointing", None) or base.is_gradient_checkpointing
     _step(model, io, examples)
     merger = lora.merge_adapters(model).model.visual.merger.state_dict()
     assert merger.keys() == merger_before.keys()

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import save_model
 from typer.testing import CliRunner
 
 from evostar.cli import app
@@ -89,6 +90,9 @@ def gym(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def remote_checkpoint(gym: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("remote") / "remote-vl"
     build_tiny_qwen2_vl(gym_texts(gym), path, TinyModelSpec(num_layers=1), seed=0)
+    # transformers renames Qwen2-VL's saved weight names on load, but not for another model_type:
+    # save them under the names the model holds, which the subclass shares
+    save_model(load_model(path), str(path / "model.safetensors"), metadata={"format": "pt"})
     for name, code in CODE.items():
         (path / name).write_text(code.lstrip())
     config = json.loads((path / "config.json").read_text())

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
@@ -39,12 +41,24 @@ def fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+_INTERRUPTED = False
+
+
+def _note_interrupt(signum: int, frame: Any) -> None:
+    global _INTERRUPTED
+    _INTERRUPTED = True
+    signal.default_int_handler(signum, frame)
+
+
 def guarded(command: Callable[..., Any]) -> Callable[..., Any]:
     """Run a command with the one error path of the command line (see the module docstring)."""
 
     @functools.wraps(command)
     def run(*args: Any, **kwargs: Any) -> Any:
         from evostar.errors import UserError
+
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, _note_interrupt)
 
         try:
             return command(*args, **kwargs)
@@ -58,6 +72,8 @@ def guarded(command: Callable[..., Any]) -> Callable[..., Any]:
         except Exception as err:
             if debugging():
                 raise
+            if _INTERRUPTED:  # Ctrl-C inside a library call (torch.save) that turned it into another error
+                fail("interrupted (a run continues where it stopped with --resume)", 130)
             if isinstance(err, UserError):
                 fail(str(err))
             if isinstance(err, OSError) and err.filename is not None:
@@ -135,13 +151,11 @@ def eval_cmd(
     from evostar.models.hub import context_length, load_model, load_processor
     from evostar.models.inputs import VLMInputs
     from evostar.pipeline import check_prompts_fit
-    from evostar.rundir import dumps, write_jsonl
+    from evostar.rundir import check_writable, dumps, write_jsonl
 
     ModelConfig(prompt_template=prompt_template)  # the template check of `evostar evolve`
-    if responses is not None:  # before the compute that fills it
-        if responses.is_dir():
-            fail(f"--responses {responses}: a directory, not a file")
-        responses.parent.mkdir(parents=True, exist_ok=True)
+    if responses is not None:
+        check_writable(responses)  # before the compute that fills it
     processor = load_processor(model, trust_remote_code=trust_remote_code)
     samples = {path: load_samples(path, image_root=image_root or None) for path in data}
     io = VLMInputs(processor, prompt_template)
@@ -199,11 +213,13 @@ def score_cmd(
     the pid: `evostar eval --data testmini.json` gives each sample its pid as id.
     """
     from evostar.reward.mathvista import load_mathvista_problems, read_responses, score_mathvista
-    from evostar.rundir import dumps, write_jsonl
+    from evostar.rundir import check_writable, dumps, write_jsonl
 
     benchmarks = ("mathvista",)
     if benchmark.lower() not in benchmarks:
         fail(f"--benchmark {benchmark!r}: unknown benchmark; choose one of {', '.join(benchmarks)}")
+    if out_items is not None:
+        check_writable(out_items)
     problems = load_mathvista_problems(data)
     answers = read_responses(responses)
     result = score_mathvista(problems, answers)

@@ -34,7 +34,7 @@ Selection = Literal["all", "random_k", "top_k", "threshold"]
 Backend = Literal["hf", "vllm"]
 DType = Literal["float32", "bfloat16", "float16"]
 RolloutDType = Literal["", "float32", "bfloat16", "float16"]
-Autocast = Literal["", "bf16", "fp16"]
+Autocast = Literal["", "bf16"]
 
 SCORED_SELECTIONS = ("top_k", "threshold")
 """Selections that rank by `Response.score`; refused until a scorer (the PRM) fills it."""
@@ -415,12 +415,31 @@ def from_dict(cls: type, data: Any, where: str = "") -> Any:
         raise (err.under(where) if where else err) from None
 
 
+class _Override(str):
+    """A `key=value` value as typed: text keys take it as it is, other keys parse it as YAML."""
+
+    def parsed(self) -> Any:
+        if not self.strip():
+            return ""
+        try:
+            return yaml.safe_load(self)
+        except yaml.YAMLError:
+            return str(self)
+
+
 def _coerce(tp: Any, value: Any, key: str) -> Any:
     """`value` (from YAML or a command-line override) as type `tp`, or a ConfigError naming `key`."""
+    if isinstance(value, _Override):
+        text_field = tp is str or typing.get_origin(tp) is Literal
+        value = (value.strip() if typing.get_origin(tp) is Literal else str(value)) if text_field else value.parsed()
+        if isinstance(value, str) and (tp is int or tp is float):
+            value = value.strip()
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, key)
     origin = typing.get_origin(tp)
     if origin is Literal:
+        if isinstance(value, (bool, dict, list)):
+            raise refuse(key, value, f"choose one of {list(typing.get_args(tp))}")
         return "" if value is None else str(value)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
@@ -449,6 +468,10 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         if isinstance(value, bool):
             raise refuse(key, value, f"expected a number ({tp.__name__}), got a boolean")
         try:
+            if tp is int and isinstance(value, int):
+                return value
+            if tp is int and isinstance(value, str) and value.lstrip("+-").isdigit():
+                return int(value)  # exactly, however large (float() would round it)
             number = float(value)
             if tp is int and not number.is_integer():
                 raise ValueError
@@ -456,14 +479,15 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         except (TypeError, ValueError, OverflowError):
             raise refuse(key, value, f"expected {'an integer' if tp is int else 'a number'}") from None
     if tp is str:
-        if isinstance(value, (dict, list)):
-            raise refuse(key, value, "expected text")
+        if isinstance(value, (dict, list, bool)):  # YAML reads yes/no/on/off as booleans
+            raise refuse(key, value, "expected text (quote it in YAML)")
         return "" if value is None else str(value)
     return value
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply dotted `key=value` overrides to a config dict (values parsed as YAML scalars)."""
+    """Apply dotted `key=value` overrides to a config dict: text keys take the value as typed,
+    the others parse it as a YAML scalar (`gen.k=8`, `eval.pass_temperature=null`)."""
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key=value (e.g. evolve.iterations=6)")
@@ -474,10 +498,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {'.'.join(parts[: depth + 1])} is not a section")
-        try:
-            node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
-            node[parts[-1]] = raw  # `prompt_template={question}: ...` is text, not YAML
+        node[parts[-1]] = _Override(raw)  # parsed by the field's type (`_coerce`)
     return data
 
 

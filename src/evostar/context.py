@@ -3,6 +3,7 @@ encoder, the device, the accelerator (several processes) and the rollout backend
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -10,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+import yaml
 
 from evostar.config import Config, dump_yaml, load_config, resume_conflicts
 from evostar.errors import RunDirError
@@ -131,6 +133,12 @@ def check_same_run(root: Path, cfg: Config) -> None:
         if set(finished) - {"setup"}:  # the demo's setup stage comes before the config is written
             raise RunDirError(f"{path} is missing, so --resume cannot check it continues the same run")
         return  # killed before its config was written: nothing was computed yet
+    try:  # the run saved every key (dump_yaml): anything less is a damaged file, not the defaults
+        complete = set(yaml.safe_load(path.read_text(encoding="utf-8"))) == {f.name for f in dataclasses.fields(Config)}
+    except Exception:
+        complete = False
+    if not complete:
+        raise RunDirError(f"{path}: not the config evostar saved for this run (keys missing); it may be damaged")
     try:
         saved = load_config(path)
     except Exception as err:

@@ -12,6 +12,10 @@ from evostar.rundir import read_json
 
 def load_summary(run_dir: Path) -> dict[str, Any]:
     path = Path(run_dir) / "summary.json"
+    if not Path(run_dir).is_dir():
+        raise RunDirError(
+            f"{run_dir}: not a run directory" if Path(run_dir).exists() else f"{run_dir}: no such directory"
+        )
     if not path.exists():
         raise RunDirError(f"{run_dir}: no summary.json (the run has not finished; --resume it first)")
     summary = read_json(path, "run summary")
@@ -66,6 +70,8 @@ def write_report(run_dir: Path, out_dir: Path | None = None) -> Path:
     """`report.md` and its plots in `out_dir` (default: `RUN_DIR/report`); returns the page."""
     summary = load_summary(run_dir)
     out_dir = Path(out_dir) if out_dir is not None else Path(run_dir) / "report"
+    if out_dir.exists() and not out_dir.is_dir():
+        raise RunDirError(f"{out_dir}: --out is a file; give a folder for the page and its plots")
     plot = plot_accuracy(summary, out_dir / "accuracy.png")
     acc = summary["accuracy"]
     stages = list(acc)

@@ -61,8 +61,11 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     path = Path(path)
     if path.exists() and not path.is_file():  # a rename would replace a directory or a device
         raise RunDirError(f"{path}: exists and is not a regular file; choose a file path")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as err:  # named by the path asked for, not by the temporary file
+        raise RunDirError(f"{path}: cannot write there: {err.strerror or err}") from None
     try:
         os.fchmod(fd, 0o666 & ~_UMASK)  # as open() would: mkstemp makes files only the owner reads
         with os.fdopen(fd, "w") as f:
@@ -73,6 +76,18 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def check_writable(path: str | os.PathLike) -> None:
+    """Refuse, before any compute, an output file that could not be written at the end."""
+    path = Path(path)
+    if path.exists() and not path.is_file():
+        raise RunDirError(f"{path}: exists and is not a regular file; choose a file path")
+    parent = next((p for p in [path.parent, *path.parent.parents] if p.exists()), Path("/"))
+    if not parent.is_dir():
+        raise RunDirError(f"{path}: cannot write there: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise RunDirError(f"{path}: cannot write there: {parent} is not writable")
 
 
 def atomic_write_json(path: str | os.PathLike, data: Any) -> None:
@@ -233,7 +248,9 @@ class RunDir:
         try:  # our own optimizer state (tensors and plain containers only)
             return torch.load(path, weights_only=True)
         except Exception as err:
-            raise RunDirError(f"{path}: cannot read the trainer state: {err}") from None
+            raise RunDirError(
+                f"{path}: cannot read the trainer state ({type(err).__name__}: {err}); it may be damaged"
+            ) from None
 
     def load_state(self, stage: str) -> dict:
         path = self.checkpoint_dir(stage) / "state.json"

@@ -113,7 +113,7 @@ def _resolve_image(value: Any, where: Where, image_root: Path, check_images: boo
         raise where.error("image", f"expected a path string, got {type(value).__name__}")
     path = Path(os.path.abspath(image_root / value))
     if not path.is_file():
-        raise where.error("image", f"file not found: {path}")
+        raise where.error("image", f"not a file: {path}" if path.exists() else f"file not found: {path}")
     if check_images:
         try:
             with Image.open(path) as im:
@@ -150,7 +150,12 @@ def parse_record(
         raw = rec.get("question")
         question = _text(raw.replace(IMAGE_TAG, "")) if isinstance(raw, str) else None
         if question is None:
-            raise where.error("question", "missing or empty")
+            got = (
+                "missing or empty"
+                if raw is None or isinstance(raw, str)
+                else f"expected text, got {type(raw).__name__}"
+            )
+            raise where.error("question", got)
         answer = _scalar(rec, "answer", where)
         if not is_mathvista:
             rationale = _scalar(rec, "rationale", where)
@@ -169,7 +174,7 @@ def parse_record(
             raise where.error("choices", f"at most {len(LETTERS)} options are supported")
     if answer is None and require_answer:
         field = "conversations" if "conversations" in rec else "answer"
-        raise where.error(field, "no answer (pass require_answer=False for unlabeled prompts)")
+        raise where.error(field, "no answer: training, validation and test records need their gold answer")
     if answer is not None and choices:
         answer = _choice_answer(answer, choices, meta)
     if choices and "Choices:" not in question:

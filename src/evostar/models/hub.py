@@ -47,7 +47,10 @@ def _load_error(path: str | os.PathLike, what: str, err: Exception) -> ModelLoad
             f"which evostar runs only when allowed: set model.trust_remote_code=true (evostar eval: "
             f"--trust-remote-code) if you trust the code in {Path(path).resolve()}"
         )
-    message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    text = " ".join(str(err).split())
+    if "ignore_mismatched_sizes" in text or "size mismatch" in text:
+        text = "weights of another shape than config.json describes (is the config from another model?)"
+    message = (text[:300] + " ...") if len(text) > 300 else (text or type(err).__name__)
     return ModelLoadError(f"{path}: cannot load the {what} ({type(err).__name__}): {message}")
 
 

@@ -476,6 +476,12 @@ def _check_problem(path: Path, where: str, record: Any) -> None:
         isinstance(precision, bool) or not isinstance(precision, (int, float)) or precision < 0
     ):
         raise ScoreInputError(f"{path}: {where}: field 'precision' must be a number >= 0, got {precision!r}")
+    if record["question_type"] == "multi_choice" and not all(
+        isinstance(c, (str, int, float)) and not isinstance(c, bool) for c in record["choices"]
+    ):
+        raise ScoreInputError(f"{path}: {where}: field 'choices' must list text options")
+    if isinstance(record.get("pid"), (bool, dict, list)):
+        raise ScoreInputError(f"{path}: {where}: field 'pid' must be text or a number")
     if record["question_type"] == "multi_choice" and not record["choices"]:
         raise ScoreInputError(f"{path}: {where}: field 'choices' is empty for a multi_choice problem")
 
