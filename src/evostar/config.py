@@ -114,7 +114,7 @@ def check_fields(section: Any) -> None:
             raise refuse(f.name, value, f"expected {expected.__name__}, got {type(value).__name__}")
         if meta.get("check") is not None and (problem := meta["check"](value)):
             raise refuse(f.name, value, problem)
-        choices = _choices(hints[f.name])
+        choices = _choices(expected)
         if choices is not None and value not in choices:
             raise refuse(f.name, value, f"choose one of {list(choices)}")
         if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -429,11 +429,13 @@ class _Override(str):
 
 def _coerce(tp: Any, value: Any, key: str) -> Any:
     """`value` (from YAML or a command-line override) as type `tp`, or a ConfigError naming `key`."""
-    if isinstance(value, _Override):
-        text_field = tp is str or typing.get_origin(tp) is Literal
-        value = (value.strip() if typing.get_origin(tp) is Literal else str(value)) if text_field else value.parsed()
-        if isinstance(value, str) and (tp is int or tp is float):
+    if isinstance(value, _Override):  # text keys take it as typed, the others as a YAML scalar
+        if tp is str:
+            value = str(value)
+        elif typing.get_origin(tp) is Literal:
             value = value.strip()
+        else:
+            value = value.parsed()
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, key)
     origin = typing.get_origin(tp)

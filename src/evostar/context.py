@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import yaml
 
-from evostar.config import Config, dump_yaml, load_config, resume_conflicts
+from evostar.config import Config, build_config, dump_yaml, resume_conflicts
 from evostar.errors import RunDirError
 from evostar.launch import maybe_accelerator, resolve_device
 from evostar.models.hub import load_processor
@@ -21,7 +21,7 @@ from evostar.models.inputs import VLMInputs
 from evostar.records import Response, Sample
 from evostar.rollout import make_rollout
 from evostar.rollout.sharded import generate_sharded
-from evostar.rundir import RunDir, SharedRunDir, atomic_write_text, read_json
+from evostar.rundir import RunDir, SharedRunDir, atomic_write_text, is_progress, read_json
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -129,18 +129,20 @@ def check_same_run(root: Path, cfg: Config) -> None:
     path = root / "config.yaml"
     if not path.exists():
         progress = root / "progress.json"
-        finished = read_json(progress, "run's progress").get("completed", []) if progress.exists() else []
+        saved_progress = read_json(progress, "run's progress") if progress.exists() else {}
+        finished = saved_progress.get("completed", []) if is_progress(saved_progress) else []
         if set(finished) - {"setup"}:  # the demo's setup stage comes before the config is written
             raise RunDirError(f"{path} is missing, so --resume cannot check it continues the same run")
         return  # killed before its config was written: nothing was computed yet
-    try:  # the run saved every key (dump_yaml): anything less is a damaged file, not the defaults
-        complete = set(yaml.safe_load(path.read_text(encoding="utf-8"))) == {f.name for f in dataclasses.fields(Config)}
-    except Exception:
-        complete = False
-    if not complete:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except Exception as err:
+        raise RunDirError(f"{path}: cannot read the resumed run's config: {err}") from None
+    # the run saved every key (dump_yaml): anything less is a damaged file, not the defaults
+    if not isinstance(data, dict) or set(data) != {f.name for f in dataclasses.fields(Config)}:
         raise RunDirError(f"{path}: not the config evostar saved for this run (keys missing); it may be damaged")
     try:
-        saved = load_config(path)
+        saved = build_config(data, source=str(path))
     except Exception as err:
         raise RunDirError(f"{path}: cannot read the resumed run's config: {err}") from None
     conflicts = resume_conflicts(saved, cfg)

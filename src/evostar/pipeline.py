@@ -115,19 +115,22 @@ def check_prompts_fit(
     tokens an SFT target of a sampled response carries."""
     if context is None:
         return
+
+    def where(sample: Sample) -> str:
+        return f"{path} record {str(sample.meta.get('source', '')).rpartition(':')[2]} (id {sample.id!r})"
+
     for sample in samples:
-        where = f"{path} record {str(sample.meta.get('source', '')).rpartition(':')[2]} (id {sample.id!r})"
         try:
             n = io.prompt_length(sample)
         except Exception as err:  # the processor's own errors, of many types
-            raise DataError(f"{where}: field 'image': the processor cannot take it: {err}") from None
+            raise DataError(f"{where(sample)}: field 'image': the processor cannot take it: {err}") from None
         if role == "seed_cot":
             extra, what = len(io.encode_response(sample.target)), "its chain of thought and answer are"
         else:
             extra, what = room + (len(io.turn_end_ids) if role == "train" else 0), "the room for new tokens is"
         if n + extra > context:
             raise DataError(
-                f"{where}: field 'question': the prompt is {n} tokens and {what} {extra} (gen.max_new_tokens="
+                f"{where(sample)}: field 'question': the prompt is {n} tokens and {what} {extra} (gen.max_new_tokens="
                 f"{room}); together more than the model's context of {context} tokens (max_position_embeddings)"
             )
 

@@ -59,8 +59,7 @@ os.umask(_UMASK)
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     path = Path(path)
-    if path.exists() and not path.is_file():  # a rename would replace a directory or a device
-        raise RunDirError(f"{path}: exists and is not a regular file; choose a file path")
+    check_writable(path)  # the rename below would replace a directory or a device
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -126,7 +125,8 @@ def hash_str(s: str) -> int:
 
 
 # --------------------------------------------------------------------------------- the directory
-def _is_progress(progress: Any) -> bool:
+def is_progress(progress: Any) -> bool:
+    """Has `progress` the shape of progress.json (stage names finished, results per stage)?"""
     return (
         isinstance(progress, dict)
         and isinstance(progress.get("completed"), list)
@@ -160,7 +160,7 @@ class RunDir:
         self.progress: dict[str, Any] = {"completed": [], "results": {}}
         if resume:
             self.progress = read_json(self.root / "progress.json", "run's progress")
-            if not _is_progress(self.progress):
+            if not is_progress(self.progress):
                 raise RunDirError(
                     f"{self.root / 'progress.json'}: not an evostar progress file (expected "
                     '{"completed": [stage names], "results": {stage: result}}); it may be damaged'

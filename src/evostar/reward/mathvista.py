@@ -460,8 +460,14 @@ def _check_problem(path: Path, where: str, record: Any) -> None:
             f"{path}: {where}: field 'question_type' must be 'multi_choice' or 'free_form', "
             f"got {record['question_type']!r}"
         )
-    if record["question_type"] == "multi_choice" and not isinstance(record.get("choices"), list):
-        raise ScoreInputError(f"{path}: {where}: field 'choices' must be a list for multi_choice")
+    if record["question_type"] == "multi_choice":
+        choices = record.get("choices")
+        if not isinstance(choices, list):
+            raise ScoreInputError(f"{path}: {where}: field 'choices' must be a list for multi_choice")
+        if not choices:
+            raise ScoreInputError(f"{path}: {where}: field 'choices' is empty for a multi_choice problem")
+        if not all(isinstance(c, (str, int, float)) and not isinstance(c, bool) for c in choices):
+            raise ScoreInputError(f"{path}: {where}: field 'choices' must list text options")
     if "metadata" in record and not isinstance(record["metadata"], dict):
         raise ScoreInputError(f"{path}: {where}: field 'metadata' must be an object")
     answer = record.get("answer")
@@ -476,14 +482,8 @@ def _check_problem(path: Path, where: str, record: Any) -> None:
         isinstance(precision, bool) or not isinstance(precision, (int, float)) or precision < 0
     ):
         raise ScoreInputError(f"{path}: {where}: field 'precision' must be a number >= 0, got {precision!r}")
-    if record["question_type"] == "multi_choice" and not all(
-        isinstance(c, (str, int, float)) and not isinstance(c, bool) for c in record["choices"]
-    ):
-        raise ScoreInputError(f"{path}: {where}: field 'choices' must list text options")
     if isinstance(record.get("pid"), (bool, dict, list)):
         raise ScoreInputError(f"{path}: {where}: field 'pid' must be text or a number")
-    if record["question_type"] == "multi_choice" and not record["choices"]:
-        raise ScoreInputError(f"{path}: {where}: field 'choices' is empty for a multi_choice problem")
 
 
 def load_mathvista_problems(path: str | Path) -> dict[str, dict[str, Any]]:
