@@ -35,6 +35,9 @@ Backend = Literal["hf", "vllm"]
 DType = Literal["float32", "bfloat16", "float16"]
 RolloutDType = Literal["", "float32", "bfloat16", "float16"]
 Autocast = Literal["", "bf16"]
+PRMStrategy = Literal["binary", "every"]
+PRMLabel = Literal["hard", "soft"]
+PRMAggregate = Literal["min", "mean", "last", "product"]
 
 SCORED_SELECTIONS = ("top_k", "threshold")
 """Selections that rank by `Response.score`; refused until a scorer (the PRM) fills it."""
@@ -329,6 +332,62 @@ class EvalConfig(_Checked):
         1.0, "Temperature of the Pass@K samples (null: the loop's own temperature).", gt=0
     )
     pass_prompts: int = _f(0, "Validation prompts used for Pass@K (0: all; the first N otherwise).", ge=0)
+
+
+@dataclass
+class PRMConfig(_Checked):
+    """The process reward model (`evostar.reward.prm`): Monte-Carlo step labels, training and
+    scoring. Not a section of `Config` until the loop runs a PRM (a saved run's config.yaml must
+    keep exactly the keys it was written with)."""
+
+    n_completions: int = _f(8, "Monte-Carlo completions sampled from each step prefix.", ge=1)
+    strategy: PRMStrategy = _f(
+        "binary",
+        "Which step prefixes are estimated: binary (search for the first step whose prefix no longer "
+        "reaches the gold answer, about log2(steps) estimates per response) or every (each prefix).",
+    )
+    label: PRMLabel = _f(
+        "hard", "Training target of a step: hard (any completion reaches the gold answer) or soft (the share that do)."
+    )
+    temperature: float = _f(1.0, "Sampling temperature of the completions.", gt=0)
+    top_p: float = _f(1.0, "Nucleus sampling of the completions.", gt=0, le=1)
+    max_new_tokens: int = _f(64, "Longest completion, in tokens.", ge=1)
+    completion_batch_size: int = _f(512, "Sequences per generate call while labelling (prefixes x completions).", ge=1)
+    chunk_size: int = _f(64, "Responses per labelling chunk: the unit a killed labelling resumes from.", ge=1)
+    init: str = _f(
+        "policy",
+        "Weights the PRM starts from: policy (the policy checkpoint whose responses it scores) or a checkpoint directory.",
+        check=_not_empty("policy or a checkpoint directory"),
+    )
+    tag: str = _f(
+        "",
+        "Step tag placed after every step and after the answer block ('': the first candidate that is one "
+        "token of the tokenizer; otherwise added as a special token).",
+    )
+    steps: int = _f(200, "Optimizer steps of PRM training.", ge=1)
+    negative_weight: float = _f(
+        1.0,
+        "Loss weight of the negative side of a label (0: balance, the training set's positive label mass "
+        "over its negative label mass).",
+        ge=0,
+    )
+    freeze_vision: bool = _f(False, "Keep the PRM's vision encoder fixed (the projector still trains).")
+    train_answer: bool = _f(True, "Also train the tag after the answer block, on the final answer's correctness.")
+    aggregate: PRMAggregate = _f("min", "Response score from its step scores: min, mean, last or product.")
+    score_answer: bool = _f(True, "Count the answer block's score in the response score.")
+    score_batch_size: int = _f(16, "Responses per PRM forward pass when scoring.", ge=1)
+    optim: OptimConfig = _section(
+        OptimConfig, "PRM optimizer.", lambda: OptimConfig(lr=2e-4, batch_size=16, schedule="cosine")
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.n_completions > self.completion_batch_size:  # a prefix's completions share one generate call
+            raise refuse(
+                "n_completions",
+                self.n_completions,
+                f"more than completion_batch_size={self.completion_batch_size} sequences per generate call",
+            )
 
 
 @dataclass

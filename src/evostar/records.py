@@ -68,6 +68,8 @@ class Response:
     """Process reward model score per step."""
     score: float | None = None
     """Response-level score used for ranking (PRM: min over steps)."""
+    answer_score: float | None = None
+    """Process reward model score of the `# Answer` block (None: no block, or not scored)."""
 
     @property
     def all_steps_correct(self) -> bool | None:

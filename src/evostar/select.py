@@ -19,8 +19,8 @@ STRATEGIES: tuple[str, ...] = typing.get_args(Selection)
 
 
 def _by_score(r: Response) -> float:
-    """Sort key: highest score first; responses without a score rank last."""
-    return -(r.score if r.score is not None else -np.inf)
+    """Sort key: highest score first; responses without a score (or a NaN one) rank last."""
+    return -(r.score if r.score is not None and not np.isnan(r.score) else -np.inf)
 
 
 def _all(correct: list[Response], k: int, threshold: float, rng: np.random.Generator) -> list[Response]:

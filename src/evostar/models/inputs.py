@@ -158,6 +158,25 @@ class VLMInputs:
                 batch[key] = _cat_padded([r[key] for r in rows])
         return batch
 
+    def collate_ids(
+        self, samples: Sequence[Sample], response_ids: Sequence[Sequence[int]], *, left: bool
+    ) -> dict[str, torch.Tensor]:
+        """Prompts with given assistant-turn token ids appended (no end of turn, no labels), for
+        callers that build the response tokens themselves: left-padded to continue a response
+        prefix, right-padded to read a score at known positions."""
+        rows = []
+        for sample, ids in zip(samples, response_ids, strict=True):
+            enc = self.encode_prompt(sample)
+            resp = torch.tensor([list(ids)], dtype=torch.long).reshape(1, -1)
+            row = dict(enc)
+            row["input_ids"] = torch.cat([enc["input_ids"], resp], dim=1)
+            row["attention_mask"] = torch.ones_like(row["input_ids"])
+            for key in ("mm_token_type_ids", "token_type_ids"):
+                if key in enc:
+                    row[key] = torch.cat([enc[key], torch.zeros_like(resp)], dim=1)
+            rows.append(row)
+        return self._collate(rows, left=left)
+
 
 def _cat_padded(tensors: list[torch.Tensor]) -> torch.Tensor:
     """Concatenate along dim 0, zero-padding dim 1 when per-sample image counts differ."""

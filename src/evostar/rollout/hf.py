@@ -103,3 +103,60 @@ def generate(
         for s, ts in zip(samples, texts, strict=True)
         for t in ts
     ]
+
+
+@torch.inference_mode()
+def complete(
+    model: torch.nn.Module,
+    io: VLMInputs,
+    samples: Sequence[Sample],
+    prefixes: Sequence[str],
+    *,
+    n: int = 1,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    max_new_tokens: int = 64,
+    batch_size: int = 512,
+    desc: str | None = None,
+    progress: bool = False,
+) -> list[list[str]]:
+    """N continuations of each (sample, assistant-turn prefix) pair, in pair order (one when
+    greedy): the Monte-Carlo rollouts of process-reward labelling.
+
+    The prefix is tokenized as `collate_sft` tokenizes a response (without the end of turn), so
+    prefix + continuation is what the model would have written in one go; the continuation's
+    leading whitespace is kept for that reason. Batching and sampling follow `generate`.
+    """
+    if len(samples) != len(prefixes):
+        raise ValueError(f"complete: {len(samples)} samples but {len(prefixes)} prefixes")
+    model.eval()
+    greedy = temperature <= 0
+    n = 1 if greedy else n
+    prefix_ids = [io.tokenizer(p, add_special_tokens=False)["input_ids"] if p else [] for p in prefixes]
+    pairs_per_batch = max(1, batch_size // n)
+    length = [io.encode_prompt(s)["input_ids"].shape[1] + len(ids) for s, ids in zip(samples, prefix_ids, strict=True)]
+    order = sorted(range(len(samples)), key=lambda i: length[i])
+    texts: list[list[str]] = [[] for _ in samples]
+    device = next(model.parameters()).device
+    own_sampler = not greedy and device.type == "cpu"
+    repeat = n if own_sampler else 1
+    bar = tqdm(total=len(samples) * n, desc=desc or "complete", unit="seq", disable=not progress, leave=False)
+    for start in range(0, len(order), pairs_per_batch):
+        idx = order[start : start + pairs_per_batch]
+        rows = [i for i in idx for _ in range(repeat)]
+        batch = io.collate_ids([samples[i] for i in rows], [prefix_ids[i] for i in rows], left=True)
+        batch = {key: v.to(device) for key, v in batch.items()}
+        gen_kwargs = dict(max_new_tokens=max_new_tokens, eos_token_id=io.stop_token_ids, pad_token_id=io.pad_id)
+        if greedy or own_sampler:
+            gen_kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        else:
+            gen_kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0, num_return_sequences=n)
+        if own_sampler:
+            gen_kwargs["logits_processor"] = LogitsProcessorList([InverseCDFSampler(temperature, top_p)])
+        out = model.generate(**batch, **gen_kwargs)
+        decoded = io.tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+        for j, i in enumerate(idx):
+            texts[i] = [t.rstrip() for t in decoded[j * n : (j + 1) * n]]
+        bar.update(len(idx) * n)
+    bar.close()
+    return texts

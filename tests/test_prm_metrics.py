@@ -1,0 +1,112 @@
+"""PRM metrics on hand-made numbers: AUROC, ProcessBench F1, Reward-Pass@k and selection by
+best score or vote."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from evostar.records import Response
+from evostar.reward.prm.metrics import (
+    auroc,
+    first_error,
+    first_error_f1,
+    reward_pass_at_k,
+    selection_accuracy,
+    step_auroc,
+)
+
+
+def test_auroc_on_hand_made_numbers():
+    assert auroc([0.9, 0.8, 0.7, 0.6], [True, False, True, False]) == 0.75
+    assert auroc([0.1, 0.2, 0.3], [False, True, True]) == 1.0
+    assert auroc([0.1, 0.2, 0.3], [True, True, False]) == 0.0
+    assert auroc([0.5, 0.5, 0.5, 0.9], [True, False, False, True]) == 0.75  # a tie counts half
+    assert auroc([0.3, 0.4], [True, True]) is None  # one class only
+    with pytest.raises(ValueError, match="2 scores for 3 labels"):
+        auroc([0.1, 0.2], [True, False, True])
+
+
+def test_auroc_matches_the_pairwise_definition():
+    rng = np.random.default_rng(0)
+    scores = rng.integers(0, 10, 200) / 10  # many ties
+    labels = rng.random(200) < 0.4
+    pos, neg = scores[labels], scores[~labels]
+    pairwise = ((pos[:, None] > neg[None, :]) + 0.5 * (pos[:, None] == neg[None, :])).mean()
+    assert auroc(scores, labels) == pytest.approx(pairwise)
+
+
+def _judged(steps_correct, step_scores, sid="s"):
+    return Response(sample_id=sid, text="", steps_correct=steps_correct, step_scores=step_scores)
+
+
+JUDGED = [
+    _judged([True, True, False, False], [0.9, 0.8, 0.3, 0.2]),  # first error 2, found
+    _judged([True, False, True], [0.4, 0.3, 0.9]),  # first error 1, predicted 0
+    _judged([True, True], [0.9, 0.6]),  # all right, none below 0.5
+    _judged([True, True, True], [0.9, 0.45, 0.8]),  # all right, but step 1 below 0.5
+    _judged([True], [0.7]),
+    _judged([], []),  # no steps: skipped
+    Response(sample_id="s", text="", steps_correct=[False]),  # unscored: skipped
+]
+
+
+def test_step_auroc_pools_every_scored_step():
+    assert step_auroc(JUDGED) == 1.0  # every right step outscores every wrong one
+    # adds a right step at 0.3 (ties two wrong ones, beats 0.2, loses to 0.5) and a wrong one at 0.5
+    # (beaten by the eight right steps above it): 40 of 11 x 4 pairs
+    assert step_auroc([*JUDGED, _judged([True, False], [0.3, 0.5])]) == pytest.approx(40 / 44)
+    with pytest.raises(ValueError, match="2 step scores for 3 steps"):
+        step_auroc([_judged([True, True, False], [0.1, 0.2])])
+
+
+def test_processbench_f1():
+    assert first_error([True, False, False]) == 1 and first_error([True]) is None
+    m = first_error_f1(JUDGED)
+    assert (m["n_error"], m["n_correct"]) == (2, 3)
+    assert m["error_acc"] == 0.5 and m["correct_acc"] == pytest.approx(2 / 3)
+    assert m["f1"] == pytest.approx(4 / 7)
+    m = first_error_f1(JUDGED, threshold=0.42)  # step 1 of the fourth is no longer an error
+    assert m["correct_acc"] == 1.0 and m["error_acc"] == 0.5 and m["f1"] == pytest.approx(2 / 3)
+    assert first_error_f1(JUDGED[2:5])["f1"] is None  # no wrong-process responses
+
+
+def _r(sid, correct, extracted, score):
+    return Response(sample_id=sid, text="", correct=correct, extracted=extracted, score=score)
+
+
+VOTES = [
+    _r("p", True, "23", 0.2),
+    _r("p", False, "22", 0.9),
+    _r("p", False, "22", 0.1),
+    _r("p", True, "23.0", 0.3),  # another spelling of the gold answer votes with it
+    _r("q", False, "5", 0.8),
+    _r("q", False, "5", 0.7),
+    _r("q", False, "5", 0.6),
+    _r("q", True, "7", 0.95),
+]
+
+
+def test_best_of_n_and_votes_per_n():
+    acc = selection_accuracy(VOTES)
+    assert acc["best_of_n"] == {1: 0.375, 2: 0.5, 4: 0.5}  # 8 and 16 exceed a prompt's samples
+    assert acc["majority"] == {1: 0.375, 2: 0.25, 4: 0.5}
+    assert acc["weighted"] == {1: 0.375, 2: 0.5, 4: 0.0}
+
+
+def test_abstaining_and_unscored_responses():
+    group = [_r("p", False, None, 0.9), _r("p", True, "7", None), _r("p", False, "8", 0.1)]
+    acc = selection_accuracy(group, ks=(3,))
+    assert acc["best_of_n"] == {3: 0.0}  # the unscored correct one ranks last
+    assert acc["majority"] == {3: 1.0}  # no answer, no vote: 7 and 8 tie, 7 came first
+    assert acc["weighted"] == {3: 0.0}  # 8 carries 0.1, 7 nothing
+    diverged = [_r("p", False, "8", float("nan")), _r("p", True, "7", 0.2), _r("p", False, "8", 0.1)]
+    acc = selection_accuracy(diverged, ks=(3,))
+    assert acc["best_of_n"] == {3: 1.0} and acc["weighted"] == {3: 1.0}  # a NaN score counts as none
+    with pytest.raises(ValueError, match="no correctness"):
+        selection_accuracy([_r("p", None, "7", 0.5)], ks=(1,))
+
+
+def test_reward_pass_at_k():
+    assert reward_pass_at_k(VOTES, k=1) == 0.5  # p's top response is wrong, q's is right
+    assert reward_pass_at_k(VOTES, k=2) == 1.0
