@@ -19,10 +19,15 @@ CHOICE_KEYS = {
     "evolve.selection",
     "evolve.optim.schedule",
     "evolve.optim.autocast",
+    "prm.strategy",
+    "prm.label",
+    "prm.aggregate",
+    "prm.optim.schedule",
+    "prm.optim.autocast",
 }
-REFUSED_CHOICES = {  # declared, but refused with their own message
-    ("evolve.selection", "top_k"): "no process reward model",
-    ("evolve.selection", "threshold"): "no process reward model",
+REFUSED_CHOICES = {  # declared, but refused with their own message (here: the PRM is off)
+    ("evolve.selection", "top_k"): "prm.enabled is false",
+    ("evolve.selection", "threshold"): "prm.enabled is false",
 }
 ROWS = describe()
 NUMERIC = [r for r in ROWS if isinstance(r.default, (int, float)) and not isinstance(r.default, bool)]

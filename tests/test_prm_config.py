@@ -48,7 +48,8 @@ def test_bad_values_are_refused_naming_the_key(data, expect):
         from_dict(PRMConfig, data, "prm")
 
 
-def test_the_loop_still_refuses_scored_selection_until_it_runs_a_prm():
+def test_the_loop_refuses_scored_selection_unless_it_runs_the_prm():
     for selection in ("top_k", "threshold"):
-        with pytest.raises(ConfigError, match="no process reward model"):
+        with pytest.raises(ConfigError, match="prm.enabled is false"):
             build_config({"evolve": {"selection": selection}})
+        assert build_config({"evolve": {"selection": selection}, "prm": {"enabled": True}}).prm.enabled

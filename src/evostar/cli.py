@@ -1,4 +1,4 @@
-"""Command line: `evostar demo | evolve | eval | score | report | config`.
+"""Command line: `evostar demo | evolve | eval | score | report | config | prm`.
 
 Every command goes through one error path (`guarded`): a problem with the user's input (config,
 data, model folder, run directory, a file that cannot be written) prints one line that names the
@@ -9,6 +9,7 @@ status 1. `--debug` (or `EVOSTAR_DEBUG=1`) shows the traceback instead.
 from __future__ import annotations
 
 import functools
+import math
 import os
 import signal
 import sys
@@ -246,6 +247,317 @@ def report_cmd(
     from evostar.report import write_report
 
     console.print(f"wrote {write_report(run_dir, out)}")
+
+
+# ----------------------------------------------------------------------------- evostar prm
+prm_app = typer.Typer(
+    no_args_is_help=True, help="The process reward model on any model and data: collect -> label -> train -> eval."
+)
+app.add_typer(prm_app, name="prm")
+
+_Policy = Annotated[Path, typer.Option(help="Policy model directory (samples the responses and completions).")]
+_Data = Annotated[Path, typer.Option(help="Labelled prompts in the on-disk format (MathV360K, JSONL, ...).")]
+_ImageRoot = Annotated[str, typer.Option(help="Folder image paths resolve against.")]
+_Template = Annotated[str, typer.Option(help="User-turn text around {question}.")]
+_Trust = Annotated[bool, typer.Option(help="Allow custom model code.")]
+_MaxPrompts = Annotated[int, typer.Option(min=0, help="Use the first N prompts of DATA (0: all).")]
+_NewTokens = Annotated[int, typer.Option(min=1, help="Longest response or completion, in tokens.")]
+_Batch = Annotated[int, typer.Option(min=1, help="Sequences per generate call.")]
+_Seed = Annotated[int, typer.Option(min=0, help="Seed of every sample.")]
+
+
+def _device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _check_temperature(value: float) -> None:
+    if not (math.isfinite(value) and value > 0):
+        fail(f"--temperature {value}: must be a number > 0 (sampling)")
+
+
+def _prm_inputs(
+    policy: Path,
+    data: Path,
+    *,
+    image_root: str,
+    prompt_template: str,
+    trust_remote_code: bool,
+    max_new_tokens: int,
+    max_prompts: int = 0,
+) -> tuple[list, Any]:
+    """DATA's labelled prompts and the policy's prompt encoder, refused (file, record, field)
+    before any model weights load when a record lacks a gold answer or a prompt does not fit."""
+    from evostar.config import ModelConfig
+    from evostar.data.loaders import load_samples
+    from evostar.data.parse import DataError
+    from evostar.models.hub import context_length, load_processor
+    from evostar.models.inputs import VLMInputs
+    from evostar.pipeline import check_prompts_fit
+
+    ModelConfig(prompt_template=prompt_template)  # the template check of `evostar evolve`
+    processor = load_processor(policy, trust_remote_code=trust_remote_code)
+    samples = load_samples(data, image_root=image_root or None)[: max_prompts or None]
+    if not samples:  # load_samples has refused records without a gold answer
+        raise DataError(f"{data}: no records")
+    io = VLMInputs(processor, prompt_template)
+    check_prompts_fit(io, context_length(policy, trust_remote_code), samples, str(data), max_new_tokens)
+    return samples, io
+
+
+@prm_app.command("collect")
+@guarded
+def prm_collect(
+    policy: _Policy,
+    data: _Data,
+    out: Annotated[Path, typer.Option(help="Write the responses here (JSONL, with rewards).")],
+    k: Annotated[int, typer.Option(min=1, help="Responses sampled per prompt.")] = 4,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature (> 0).")] = 1.0,
+    max_prompts: _MaxPrompts = 0,
+    max_new_tokens: _NewTokens = 64,
+    batch_size: _Batch = 512,
+    seed: _Seed = 0,
+    image_root: _ImageRoot = "",
+    prompt_template: _Template = "{question}",
+    trust_remote_code: _Trust = False,
+) -> None:
+    """Sample K responses per prompt of DATA with POLICY: the PRM's training responses."""
+    from evostar.dynamics import accuracy
+    from evostar.models.hub import load_model
+    from evostar.prm_stages import sample_responses
+    from evostar.rundir import check_writable, dumps, write_jsonl
+
+    _check_temperature(temperature)
+    check_writable(out)
+    samples, io = _prm_inputs(
+        policy,
+        data,
+        image_root=image_root,
+        prompt_template=prompt_template,
+        trust_remote_code=trust_remote_code,
+        max_new_tokens=max_new_tokens,
+        max_prompts=max_prompts,
+    )
+    net = load_model(policy, trust_remote_code=trust_remote_code, device=_device())
+    responses = sample_responses(
+        net, io, samples, k=k, temperature=temperature, max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed
+    )
+    write_jsonl(out, [r.to_dict() for r in responses])
+    print(
+        dumps({"prompts": len(samples), "responses": len(responses), "accuracy": accuracy(responses), "out": str(out)})
+    )
+
+
+@prm_app.command("label")
+@guarded
+def prm_label(
+    policy: _Policy,
+    data: _Data,
+    responses: Annotated[Path, typer.Option(help="Responses to label (JSONL, as `evostar prm collect` writes).")],
+    out: Annotated[Path, typer.Option(help="Labels directory (chunks + manifest; a killed run resumes there).")],
+    n_completions: Annotated[int, typer.Option(help="Monte-Carlo completions per step prefix.")] = 8,
+    strategy: Annotated[str, typer.Option(help="binary (search for the first error) or every (each prefix).")] = (
+        "binary"
+    ),
+    chunk_size: Annotated[int, typer.Option(help="Responses per chunk, the unit of resume.")] = 64,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature of the completions.")] = 1.0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling of the completions.")] = 1.0,
+    max_new_tokens: _NewTokens = 64,
+    batch_size: _Batch = 512,
+    seed: _Seed = 0,
+    image_root: _ImageRoot = "",
+    prompt_template: _Template = "{question}",
+    trust_remote_code: _Trust = False,
+) -> None:
+    """Monte-Carlo step labels of RESPONSES: from each step prefix, does POLICY still reach the gold answer?"""
+    import time
+
+    from evostar.config import PRMConfig
+    from evostar.errors import UserError
+    from evostar.models.hub import load_model
+    from evostar.prm_stages import read_responses
+    from evostar.reward.prm import hf_completer, label_responses
+    from evostar.reward.prm.labels import read_manifest
+    from evostar.rundir import dumps
+
+    cfg = PRMConfig(  # the ranges and choices of the run's prm section
+        n_completions=n_completions,
+        strategy=strategy,
+        chunk_size=chunk_size,
+        temperature=temperature,
+        top_p=top_p,
+        max_new_tokens=max_new_tokens,
+        completion_batch_size=batch_size,
+    )
+    rows = read_responses(responses)
+    samples, io = _prm_inputs(
+        policy,
+        data,
+        image_root=image_root,
+        prompt_template=prompt_template,
+        trust_remote_code=trust_remote_code,
+        max_new_tokens=max_new_tokens,
+    )
+    ids = {s.id for s in samples}
+    stray = next((k for k, r in enumerate(rows, 1) if r.sample_id not in ids), None)
+    if stray is not None:
+        raise UserError(f"{responses} line {stray}: sample_id {rows[stray - 1].sample_id!r} is not a record of {data}")
+    net = load_model(policy, trust_remote_code=trust_remote_code, device=_device())
+    t0 = time.perf_counter()
+    complete = hf_completer(
+        net, io, temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=max_new_tokens, batch_size=batch_size
+    )
+    settings = {"policy": str(policy), "temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens}
+    labels = label_responses(
+        samples,
+        rows,
+        complete,
+        out,
+        n=n_completions,
+        strategy=strategy,
+        chunk_size=chunk_size,
+        seed=seed,
+        settings=settings,
+    )
+    seconds = time.perf_counter() - t0
+    spent = (read_manifest(out) or {}).get("spent") or {}
+    step_labels = sum(len(lab.hard) for lab in labels)
+    summary = {
+        "responses": len(labels),
+        "step_labels": step_labels,
+        "first_error_share": sum(lab.first_error is not None for lab in labels) / len(labels) if labels else None,
+        "completions": sum(int(v) for v in spent.values()),
+        "seconds": seconds,
+        "out": str(out),
+    }
+    print(dumps(summary))
+
+
+@prm_app.command("train")
+@guarded
+def prm_train(
+    init: Annotated[Path, typer.Option(help="Checkpoint the PRM starts from (usually the policy).")],
+    data: _Data,
+    labels: Annotated[Path, typer.Option(help="Labels directory written by `evostar prm label`.")],
+    out: Annotated[Path, typer.Option(help="Write the PRM checkpoint here (a new or a PRM directory).")],
+    steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 200,
+    label: Annotated[str, typer.Option(help="hard or soft step targets.")] = "hard",
+    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW, cosine).")] = 2e-4,
+    batch_size: Annotated[int, typer.Option(help="Responses per optimizer step.")] = 16,
+    negative_weight: Annotated[float, typer.Option(help="Loss weight of negative labels (0: balance).")] = 1.0,
+    freeze_vision: Annotated[bool, typer.Option(help="Keep the vision encoder fixed.")] = False,
+    tag: Annotated[str, typer.Option(help="Step tag text ('': the first single-token candidate).")] = "",
+    seed: _Seed = 0,
+    image_root: _ImageRoot = "",
+    prompt_template: _Template = "{question}",
+    trust_remote_code: _Trust = False,
+) -> None:
+    """Train a PRM from INIT on the step labels in LABELS; saves an HF checkpoint with prm_config.json."""
+    from evostar.config import OptimConfig, PRMConfig
+    from evostar.errors import UserError
+    from evostar.prm_stages import train_prm
+    from evostar.reward.prm import read_labels
+    from evostar.reward.prm.model import PRM_CONFIG
+    from evostar.rundir import dumps
+
+    cfg = PRMConfig(
+        steps=steps,
+        label=label,
+        negative_weight=negative_weight,
+        freeze_vision=freeze_vision,
+        tag=tag,
+        optim=OptimConfig(lr=lr, batch_size=batch_size, schedule="cosine"),
+    )
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / PRM_CONFIG).is_file())):
+        raise UserError(f"{out}: exists and is not a PRM checkpoint, which --out would replace; choose a new directory")
+    samples, _ = _prm_inputs(
+        init,
+        data,
+        image_root=image_root,
+        prompt_template=prompt_template,
+        trust_remote_code=trust_remote_code,
+        max_new_tokens=1,
+    )
+    prm, info = train_prm(
+        init,
+        read_labels(labels),
+        samples,
+        cfg,
+        prompt_template=prompt_template,
+        device=_device(),
+        trust_remote_code=trust_remote_code,
+        seed=seed,
+    )
+    prm.save(out)
+    print(dumps({**info, "out": str(out), "tokens": prm.config()["tokens"]}))
+
+
+@prm_app.command("eval")
+@guarded
+def prm_eval(
+    prm: Annotated[Path, typer.Option(help="PRM checkpoint directory (written by `evostar prm train`).")],
+    policy: _Policy,
+    data: _Data,
+    k: Annotated[int, typer.Option(min=1, help="Responses sampled per prompt (N goes up to K).")] = 16,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature (> 0).")] = 1.0,
+    aggregate: Annotated[str, typer.Option(help="Response score from step scores: min, mean, last or product.")] = (
+        "min"
+    ),
+    max_prompts: _MaxPrompts = 0,
+    max_new_tokens: _NewTokens = 64,
+    batch_size: _Batch = 512,
+    seed: _Seed = 0,
+    out: Annotated[Path | None, typer.Option(help="Also write the JSON report here.")] = None,
+    plot: Annotated[Path | None, typer.Option(help="Plot accuracy against N here (PNG).")] = None,
+    responses: Annotated[Path | None, typer.Option(help="Write the scored responses here (JSONL).")] = None,
+    image_root: _ImageRoot = "",
+    prompt_template: _Template = "{question}",
+    trust_remote_code: _Trust = False,
+) -> None:
+    """Judge a PRM on POLICY's K samples per prompt of DATA; prints JSON.
+
+    As a step judge where step truth exists (the gym: step AUROC, first-error F1), as a verifier
+    (best-of-N by PRM, majority and PRM-weighted voting beside greedy, N = 1, 2, 4, 8, 16) and as
+    a reranker of correct responses (PRM top-2 against the rest)."""
+    from evostar.config import GenerationConfig, PRMConfig
+    from evostar.evaluate import evaluate
+    from evostar.models.hub import load_model
+    from evostar.prm_stages import eval_report, plot_selection, sample_responses, score_with
+    from evostar.reward.prm import load_prm
+    from evostar.rundir import atomic_write_json, check_writable, dumps, write_jsonl
+
+    _check_temperature(temperature)
+    cfg = PRMConfig(aggregate=aggregate)
+    for path in (out, plot, responses):
+        if path is not None:
+            check_writable(path)  # before the compute that fills it
+    samples, io = _prm_inputs(
+        policy,
+        data,
+        image_root=image_root,
+        prompt_template=prompt_template,
+        trust_remote_code=trust_remote_code,
+        max_new_tokens=max_new_tokens,
+        max_prompts=max_prompts,
+    )
+    device = _device()
+    scorer = load_prm(prm, device=device, trust_remote_code=trust_remote_code)
+    net = load_model(policy, trust_remote_code=trust_remote_code, device=device)
+    sampled = sample_responses(
+        net, io, samples, k=k, temperature=temperature, max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed
+    )
+    score_with(scorer, cfg, samples, sampled)
+    gen = GenerationConfig(max_new_tokens=max_new_tokens, eval_batch_size=batch_size)
+    _, greedy = evaluate(net, io, samples, gen, desc="greedy", progress=False)
+    report = {"prm": str(prm), "policy": str(policy), "data": str(data), "k": k, **eval_report(sampled, greedy)}
+    if responses is not None:
+        write_jsonl(responses, [r.to_dict() for r in sampled])
+    if plot is not None:
+        report["plot"] = str(plot_selection(report, plot))
+    if out is not None:
+        atomic_write_json(out, report)
+    print(dumps(report, indent=2))
 
 
 def print_summary(summary: dict) -> None:

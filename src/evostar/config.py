@@ -40,7 +40,7 @@ PRMLabel = Literal["hard", "soft"]
 PRMAggregate = Literal["min", "mean", "last", "product"]
 
 SCORED_SELECTIONS = ("top_k", "threshold")
-"""Selections that rank by `Response.score`; refused until a scorer (the PRM) fills it."""
+"""Selections that rank by `Response.score`; refused unless the PRM (`prm.enabled`) fills it."""
 
 
 class ConfigError(UserError):
@@ -336,10 +336,24 @@ class EvalConfig(_Checked):
 
 @dataclass
 class PRMConfig(_Checked):
-    """The process reward model (`evostar.reward.prm`): Monte-Carlo step labels, training and
-    scoring. Not a section of `Config` until the loop runs a PRM (a saved run's config.yaml must
-    keep exactly the keys it was written with)."""
+    """The process reward model (`evostar.reward.prm`): the run's PRM stages after warm-up
+    (collect responses, Monte-Carlo step labels, training), and scoring in the loop. Off by
+    default, which is also what a saved config.yaml from before this section means."""
 
+    enabled: bool = _f(
+        False,
+        "Run the PRM stages after warm-up (collect -> label -> train -> eval) and score every sampled "
+        "training response with the PRM, so evolve.selection top_k / threshold rank by its score.",
+    )
+    collect_prompts: int = _f(64, "Labelled training prompts the PRM's training responses are sampled on.", ge=1)
+    collect_k: int = _f(4, "Responses sampled per prompt for PRM training (and per val prompt for its metrics).", ge=1)
+    collect_temperature: float = _f(1.0, "Sampling temperature of the collected responses.", gt=0)
+    eval_prompts: int = _f(
+        0, "Validation prompts the PRM's summary measures are computed on (0: all; the first N otherwise).", ge=0
+    )
+    reward_pass_k: int = _f(
+        2, "k of Reward-Pass@k on the validation split each iteration (a correct response in the PRM's top-k).", ge=1
+    )
     n_completions: int = _f(8, "Monte-Carlo completions sampled from each step prefix.", ge=1)
     strategy: PRMStrategy = _f(
         "binary",
@@ -413,6 +427,7 @@ class Config(_Checked):
     warmup: WarmupConfig = _section(WarmupConfig, "Warm-up SFT.")
     evolve: EvolveConfig = _section(EvolveConfig, "The loop.")
     eval: EvalConfig = _section(EvalConfig, "Monitoring.")
+    prm: PRMConfig = _section(PRMConfig, "Process reward model (off unless prm.enabled).")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -421,15 +436,23 @@ class Config(_Checked):
 
 def check_combinations(cfg: Config) -> None:
     """Refuse values that are each allowed but do not work together."""
-    ev, gen, warm, model = cfg.evolve, cfg.gen, cfg.warmup, cfg.model
-    if ev.selection in SCORED_SELECTIONS:
+    ev, gen, warm, model, prm = cfg.evolve, cfg.gen, cfg.warmup, cfg.model, cfg.prm
+    if ev.selection in SCORED_SELECTIONS and not prm.enabled:
         raise refuse(
             "evolve.selection",
             ev.selection,
-            "ranks responses by Response.score, and nothing fills it yet (evostar has no process "
-            "reward model so far): choose all or random_k",
+            "ranks responses by their process reward model score, and prm.enabled is false: set "
+            "prm.enabled=true (the PRM stages then run after warm-up), or choose all or random_k",
         )
-    for key, k in (("gen.k", gen.k), ("eval.pass_k", cfg.eval.pass_k), ("warmup.hinted_k", warm.hinted_k)):
+    if prm.enabled and prm.init == "policy" and model.lora_r > 0:
+        raise refuse(
+            "prm.init",
+            "policy",
+            "with model.lora_r > 0 the policy's checkpoints hold adapters, not a whole model to start "
+            "the PRM from: set prm.init to a full checkpoint directory",
+        )
+    ks = [("gen.k", gen.k), ("eval.pass_k", cfg.eval.pass_k), ("warmup.hinted_k", warm.hinted_k)]
+    for key, k in ks + ([("prm.collect_k", prm.collect_k)] if prm.enabled else []):
         if k > gen.batch_size:  # a prompt's K samples share one generate call
             raise refuse(key, k, f"more than gen.batch_size={gen.batch_size} sequences per generate call")
     if model.quantize_4bit and model.lora_r <= 0:

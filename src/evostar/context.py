@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import yaml
 
-from evostar.config import Config, build_config, dump_yaml, resume_conflicts
+from evostar.config import Config, PRMConfig, build_config, dump_yaml, resume_conflicts, to_dict
 from evostar.errors import RunDirError
 from evostar.launch import maybe_accelerator, resolve_device
 from evostar.models.hub import load_processor
@@ -124,6 +124,19 @@ def open_run(cfg: Config, resume: bool = False, console: Any = None, io: VLMInpu
     return RunContext(cfg, run, io, device, accelerator, make_rollout(cfg), say)
 
 
+ADDED_SECTIONS: dict[str, Callable[[], dict[str, Any]]] = {"prm": lambda: to_dict(PRMConfig())}
+"""Sections added to `Config` after runs were saved without them, with the values that reproduce
+what those runs did (the PRM off)."""
+
+
+def with_added_sections(data: Any) -> Any:
+    """A saved config dict with every section in `ADDED_SECTIONS` it predates filled in; any other
+    missing key is left missing (a damaged file, refused)."""
+    if not isinstance(data, dict):
+        return data
+    return {**data, **{name: make() for name, make in ADDED_SECTIONS.items() if name not in data}}
+
+
 def check_same_run(root: Path, cfg: Config) -> None:
     """Refuse to resume with a config whose results would differ from the saved run's."""
     path = root / "config.yaml"
@@ -138,6 +151,7 @@ def check_same_run(root: Path, cfg: Config) -> None:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except Exception as err:
         raise RunDirError(f"{path}: cannot read the resumed run's config: {err}") from None
+    data = with_added_sections(data)
     # the run saved every key (dump_yaml): anything less is a damaged file, not the defaults
     if not isinstance(data, dict) or set(data) != {f.name for f in dataclasses.fields(Config)}:
         raise RunDirError(f"{path}: not the config evostar saved for this run (keys missing); it may be damaged")

@@ -1,9 +1,9 @@
 """The self-evolving loop.
 
 Each iteration: generate K responses per prompt of the next slice of training prompts at
-temperature T -> reward (answer match; the gym also checks every step) -> select correct
-responses -> improve (SFT on them) -> monitor (greedy accuracy and Pass@K on validation) ->
-checkpoint. Continuous self-evolving keeps one optimizer and LR schedule for the whole run;
+temperature T -> reward (answer match; the gym also checks every step; with a PRM, its score)
+-> select correct responses -> improve (SFT on them) -> monitor (greedy accuracy and Pass@K on
+validation) -> checkpoint. Continuous self-evolving keeps one optimizer and LR schedule for the whole run;
 iterative RFT re-creates them every iteration; ReST-EM also restarts from the initial model.
 """
 
@@ -14,20 +14,25 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from evostar.config import Config, EvolveConfig
 from evostar.context import RunContext
-from evostar.dynamics import accuracy, all_steps_correct_share, distinct_share, pass_at_k
+from evostar.dynamics import accuracy, all_steps_correct_share, distinct_share, pass_at_k, reward_pass_at_k
 from evostar.errors import RunDirError
 from evostar.evaluate import evaluate, evaluate_pass_at_k, score
 from evostar.models.hub import load_policy
+from evostar.prm_stages import score_with
 from evostar.records import Response, Sample
 from evostar.rundir import stage_seed
 from evostar.select import select
 from evostar.train import Example, SFTTrainer, make_trainer
+
+if TYPE_CHECKING:
+    from evostar.reward.prm import PRM
 
 
 @dataclass
@@ -50,9 +55,16 @@ class LoopState:
 
 
 def evolve(
-    ctx: RunContext, model: torch.nn.Module, train: list[Sample], val: list[Sample], init_dir: Path | None
+    ctx: RunContext,
+    model: torch.nn.Module,
+    train: list[Sample],
+    val: list[Sample],
+    init_dir: Path | None,
+    prm: PRM | None = None,
 ) -> tuple[torch.nn.Module, LoopState]:
-    """Run (or resume) `cfg.evolve.iterations` iterations; the trained model and the loop state."""
+    """Run (or resume) `cfg.evolve.iterations` iterations; the trained model and the loop state.
+
+    With a `prm`, every sampled response gets its score (what top_k / threshold rank by)."""
     cfg, ev = ctx.cfg, ctx.cfg.evolve
     model, trainer, state = start_or_resume(ctx, model)
     for it in range(state.iteration + 1, ev.iterations + 1):
@@ -61,16 +73,19 @@ def evolve(
         # Generate: K responses for each prompt of the next slice, at the loop's temperature.
         with clock("generate"):
             responses = ctx.sample(model, prompts, state.temperature, seed=stage_seed(cfg.seed, "generate", it), it=it)
-        # Reward: final-answer match (and the gym's step truth, for monitoring only).
+        # Reward: final-answer match (and the gym's step truth, for monitoring only); the PRM's score.
         score(prompts, responses)
+        if prm is not None:
+            with clock("prm_score"):
+                score_with(prm, cfg.prm, prompts, responses, cfg.progress)
         # Select: the correct responses to learn from, by the configured strategy.
         kept = select_kept(responses, ev, seed=stage_seed(cfg.seed, "select", it))
         # Improve: SFT on the kept responses (after the mode's restart, if any).
         model, trainer = restart_for_mode(ctx, model, trainer, init_dir)
         with clock("train"):
             stats = improve(trainer, sft_examples(prompts, kept), it, cfg)
-        # Monitor: greedy accuracy and Pass@K on the validation split.
-        monitor = validate(ctx, model, val, state.temperature, it)
+        # Monitor: greedy accuracy, Pass@K (and the PRM's Reward-Pass@k) on the validation split.
+        monitor = validate(ctx, model, val, state.temperature, it, prm)
         # Checkpoint: weights, optimizer, loop state and samples; only then is the iteration done.
         record = iteration_record(it, prompts, responses, kept, stats, monitor, trainer, state, clock)
         state.iteration, state.cursor = it, state.cursor + len(prompts)
@@ -170,19 +185,26 @@ def schedule_span(it: int, ev: EvolveConfig) -> tuple[float, float]:
     return ((it - 1) / ev.iterations, it / ev.iterations) if ev.mode == "continuous" else (0.0, 1.0)
 
 
-def validate(ctx: RunContext, model: torch.nn.Module, val: list[Sample], temperature: float, it: int) -> dict:
-    """Greedy accuracy on the validation split, and Pass@K at the configured temperature."""
+def validate(
+    ctx: RunContext, model: torch.nn.Module, val: list[Sample], temperature: float, it: int, prm: PRM | None = None
+) -> dict:
+    """Greedy accuracy on the validation split, and Pass@K at the configured temperature; with a
+    PRM, Reward-Pass@k on the same K samples (a correct response among its top `prm.reward_pass_k`)."""
     cfg = ctx.cfg
     metrics, _ = evaluate(model, ctx.io, val, cfg.gen, desc=f"iter {it} val", progress=cfg.progress)
-    val_pass = None
+    val_pass = reward_pass = None
     if cfg.eval.pass_k > 0:
         torch.manual_seed(stage_seed(cfg.seed, "pass@k", it))
         pass_val = val[: cfg.eval.pass_prompts] if cfg.eval.pass_prompts else val
         pass_t = temperature if cfg.eval.pass_temperature is None else cfg.eval.pass_temperature
-        val_pass, _ = evaluate_pass_at_k(
+        val_pass, sampled = evaluate_pass_at_k(
             model, ctx.io, pass_val, cfg.gen, cfg.eval.pass_k, pass_t, progress=cfg.progress
         )
-    return {"val_accuracy": metrics["accuracy"], "val_pass_at_k": val_pass}
+        if prm is not None:
+            score_with(prm, cfg.prm, pass_val, sampled, cfg.progress)
+            reward_pass = reward_pass_at_k(sampled, cfg.prm.reward_pass_k)
+    out = {"val_accuracy": metrics["accuracy"], "val_pass_at_k": val_pass}
+    return {**out, "val_reward_pass_at_k": reward_pass} if prm is not None else out
 
 
 class Clock:
@@ -232,6 +254,7 @@ def iteration_record(
         "optimizer_step": trainer.step,
         "generate_seconds": clock.seconds["generate"],
         "train_seconds": clock.seconds["train"],
+        **({"prm_score_seconds": clock.seconds["prm_score"]} if "prm_score" in clock.seconds else {}),
         "seconds": clock.total(),
     }
 
@@ -245,4 +268,4 @@ def save_iteration(
     run.save_checkpoint(f"iter_{it}", model, ctx.processor, trainer.state_dict(), state.__dict__)
     run.log(f"iter_{it}", **record)
     run.finish(f"iter_{it}", record)
-    run.prune_checkpoints(keep=["warmup", f"iter_{it}"])
+    run.prune_checkpoints(keep=["warmup", "prm", f"iter_{it}"])

@@ -1,4 +1,5 @@
-"""A whole experiment as resumable stages: base eval -> warm-up -> self-evolving -> final eval.
+"""A whole experiment as resumable stages: base eval -> warm-up -> [PRM: collect -> label ->
+train -> eval] -> self-evolving -> final eval.
 
 `evostar evolve` and `evostar demo` both end here, so the gym and real data share one path.
 Each stage is skipped when the run directory says it finished, so `--resume` continues a
@@ -24,6 +25,7 @@ from evostar.hinted import hinted_warmup_set
 from evostar.launch import check_environment
 from evostar.models.hub import context_length, load_policy
 from evostar.models.inputs import VLMInputs
+from evostar.prm_stages import prm_summary, run_prm_stages
 from evostar.records import Sample
 from evostar.rundir import atomic_write_json, stage_seed
 from evostar.train import WarmupCheckpoint, warmup
@@ -57,7 +59,8 @@ def run_experiment(
     if cfg.warmup.steps > 0 and cfg.warmup.hinted:  # no gold chains of thought: the model explains the answers
         data.seed_cot = hinted_warmup_set(ctx, model, data.train)
     model, init_dir = warm_up(ctx, model, data)
-    model, state = evolve(ctx, model, data.train, data.val, init_dir)
+    prm = run_prm_stages(ctx, model, data, init_dir or cfg.model.path) if cfg.prm.enabled else None
+    model, state = evolve(ctx, model, data.train, data.val, init_dir, prm)
     ctx.close()
     evaluate_stage(ctx, model, data, "final")
     return write_summary(ctx, state, t_start, resume, extra or {})
@@ -102,17 +105,22 @@ def check_fit(io: VLMInputs, context: int | None, cfg: Config, data: Data) -> No
     sets = {"train": data.train, "val": data.val, "seed_cot": data.seed_cot}
     sets.update({f"test {n}": s for n, s in data.tests.items()})
     for role, samples in sets.items():
-        check_prompts_fit(io, context, samples, data.files.get(role, role), cfg.gen.max_new_tokens, role)
+        room, room_from = cfg.gen.max_new_tokens, ""
+        if role == "train" and cfg.prm.enabled:  # a labelling completion continues a whole response
+            room += cfg.prm.max_new_tokens
+            room_from = f"gen.max_new_tokens={cfg.gen.max_new_tokens} + prm.max_new_tokens={cfg.prm.max_new_tokens}"
+        check_prompts_fit(io, context, samples, data.files.get(role, role), room, role, room_from)
 
 
 def check_prompts_fit(
-    io: VLMInputs, context: int | None, samples: list[Sample], path: str, room: int, role: str = ""
+    io: VLMInputs, context: int | None, samples: list[Sample], path: str, room: int, role: str = "", room_from: str = ""
 ) -> None:
     """`samples` (from the file at `path`) refused with file, record and field named when a
     prompt plus `room` new tokens exceeds `context` or the processor cannot take an image.
 
     `role` "seed_cot" checks the gold target instead of `room`, "train" adds the end-of-turn
-    tokens an SFT target of a sampled response carries."""
+    tokens an SFT target of a sampled response carries. `room_from` says where `room` comes from
+    in the message (default: gen.max_new_tokens)."""
     if context is None:
         return
 
@@ -130,8 +138,9 @@ def check_prompts_fit(
             extra, what = room + (len(io.turn_end_ids) if role == "train" else 0), "the room for new tokens is"
         if n + extra > context:
             raise DataError(
-                f"{where(sample)}: field 'question': the prompt is {n} tokens and {what} {extra} (gen.max_new_tokens="
-                f"{room}); together more than the model's context of {context} tokens (max_position_embeddings)"
+                f"{where(sample)}: field 'question': the prompt is {n} tokens and {what} {extra} "
+                f"({room_from or f'gen.max_new_tokens={room}'}); together more than the model's context of "
+                f"{context} tokens (max_position_embeddings)"
             )
 
 
@@ -200,6 +209,8 @@ def write_summary(ctx: RunContext, state: LoopState, t_start: float, resume: boo
     stage_seconds["base_eval"] = run.result("base")["seconds"]
     if run.done("warmup"):
         stage_seconds["warmup"] = run.result("warmup")["seconds"]
+    prm_seconds, prm = prm_summary(run) if ctx.cfg.prm.enabled else ({}, None)
+    stage_seconds.update(prm_seconds)
     stage_seconds["evolve"] = sum(r["seconds"] for r in state.history)
     stage_seconds["final_eval"] = run.result("final")["seconds"]
     summary = {
@@ -214,6 +225,7 @@ def write_summary(ctx: RunContext, state: LoopState, t_start: float, resume: boo
         "steps_all_correct": {s: _per_test(run.result(s)["tests"], "steps_all_correct") for s in stages},
         "warmup": {k: v for k, v in (run.result("warmup") or {}).items() if k != "tests"},
         **({"hinted_warmup": run.result("hinted")} if run.done("hinted") else {}),
+        **({"prm": prm} if prm is not None else {}),
         "iterations": state.history,
         "run_dir": str(run.root),
         **extra,

@@ -6,6 +6,7 @@ Layout::
     RUN/metrics.jsonl          one line per stage / evaluation / iteration
     RUN/samples/iter_003.jsonl generated responses of iteration 3 (with rewards)
     RUN/checkpoints/<stage>/   HF save_pretrained + trainer.pt (optimizer, scheduler) + state.json
+    RUN/prm/                   the PRM stages' responses and step labels (`evostar.prm_stages`)
     RUN/progress.json          finished stages and their results, written last
     RUN/summary.json
 

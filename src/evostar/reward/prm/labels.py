@@ -59,6 +59,7 @@ __all__ = [
     "label_responses",
     "prefix_text",
     "read_labels",
+    "read_manifest",
     "reaches_gold",
 ]
 
@@ -261,7 +262,8 @@ def chunk_path(out_dir: Path, index: int) -> Path:
     return out_dir / f"chunk_{index:05d}.jsonl"
 
 
-def _read_manifest(out_dir: Path) -> dict[str, Any] | None:
+def read_manifest(out_dir: Path) -> dict[str, Any] | None:
+    """The labelling manifest of `out_dir` (settings, finished chunks, completions spent), or None."""
     path = out_dir / MANIFEST
     if not path.exists():
         return None
@@ -314,7 +316,7 @@ def label_responses(
     if clash := sorted(set(extra) & set(current)):
         raise UserError(f"settings {clash}: names the labeller records itself; choose other names")
     current.update(extra)
-    manifest = _read_manifest(out)
+    manifest = read_manifest(out)
     if manifest is not None and manifest["settings"] != current:
         saved = manifest["settings"]
         keys = sorted(set(saved) | set(current))
@@ -342,7 +344,7 @@ def label_responses(
 def read_labels(out_dir: str | Path) -> list[StepLabels]:
     """All labels of a finished labelling directory, in response order."""
     out = Path(out_dir)
-    manifest = _read_manifest(out)
+    manifest = read_manifest(out)
     if manifest is None:
         raise RunDirError(f"{out}: no {MANIFEST}: not a labelling directory")
     settings = manifest["settings"]
