@@ -6,12 +6,13 @@ sizes and seed that made it, so repeated benchmark runs time only the work being
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import statistics
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -112,3 +113,26 @@ def machine_info() -> dict[str, Any]:
         "cpus": os.cpu_count(),
         "python": platform.python_version(),
     }
+
+
+def attention_configs(model: torch.nn.Module) -> list[Any]:
+    config = model.config
+    return [
+        config,
+        *(getattr(config, name) for name in getattr(config, "sub_configs", {}) if getattr(config, name, None)),
+    ]
+
+
+@contextlib.contextmanager
+def stock_attention(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """transformers' own sdpa attention on `model` inside the block, as a plain transformers or TRL
+    user has it (evostar's loader switches CPU models to `evostar.models.attention`)."""
+    configs = attention_configs(model)
+    saved = [c._attn_implementation for c in configs]
+    for c in configs:
+        c._attn_implementation = "sdpa"
+    try:
+        yield model
+    finally:
+        for c, name in zip(configs, saved, strict=True):
+            c._attn_implementation = name

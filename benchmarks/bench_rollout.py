@@ -12,7 +12,8 @@ to text. What differs is how the batch is built, how tokens are drawn and where:
   in the loop; the processes start in the untimed warm-up run).
 * transformers: what a user writes: chat template per prompt, `processor(text=..., images=...)`
   on the batch with every prompt repeated K times (left padding), `model.generate(...,
-  num_return_sequences=1)` with its own multinomial sampling.
+  num_return_sequences=1)` with its own multinomial sampling, transformers' sdpa attention and
+  its default `DynamicCache`.
 
 The tiny model is first warmed for a few SFT steps on the seed chains of thought so that it emits
 end-of-turn; a random-init model would run every sequence to `max_new_tokens`.
@@ -42,6 +43,7 @@ from _common import (
     print_table,
     ratio,
     setup_torch,
+    stock_attention,
     write_json,
 )
 
@@ -146,15 +148,16 @@ def transformers_rollout(model: torch.nn.Module, processor: Any, samples: Sequen
             texts += [prompt] * k
             images += [img] * k
         enc = processor(text=texts, images=images, padding=True, padding_side="left", return_tensors="pt")
-        out = model.generate(
-            **enc,
-            do_sample=True,
-            temperature=kw["temperature"],
-            top_p=1.0,
-            top_k=0,
-            max_new_tokens=kw["max_new_tokens"],
-            num_return_sequences=1,
-        )
+        with stock_attention(model):
+            out = model.generate(
+                **enc,
+                do_sample=True,
+                temperature=kw["temperature"],
+                top_p=1.0,
+                top_k=0,
+                max_new_tokens=kw["max_new_tokens"],
+                num_return_sequences=1,
+            )
         texts_out += processor.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
     return texts_out
 

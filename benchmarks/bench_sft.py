@@ -2,10 +2,13 @@
 
 Both train the same random-init weights (reloaded for every run) on the same gym seed chains of
 thought for the same number of optimizer steps, batch size, learning rate (constant), AdamW
-(betas 0.9/0.999, no weight decay), gradient clipping at 1.0, fp32, on CPU with the same
-threads. TRL gets the conversational `prompt`/`completion` format with an `images` column, so
-its collator masks the prompt and image tokens like evostar's; bf16, gradient checkpointing,
-logging, evaluation and saving are off. Reported: loss tokens/s (response tokens that carry
+(betas 0.9/0.999, no weight decay), gradient clipping at 1.0, on CPU with the same threads.
+Each runs twice: in float32, and under its bf16 autocast (evostar's `optim.autocast=bf16`, TRL's
+`bf16=True`), weights and AdamW in float32 for both. TRL gets the conversational
+`prompt`/`completion` format with an `images` column, so its collator masks the prompt and image
+tokens like evostar's, and the model with transformers' own sdpa attention (evostar's loader
+switches CPU models to `evostar.models.attention`); gradient checkpointing, logging, evaluation
+and saving are off. Reported: loss tokens/s (response tokens that carry
 loss), total tokens/s (every non-padding token the model processes) and steps/s. Before timing,
 the initial loss of both on the same first batch is printed, to show they optimise the same
 objective.
@@ -27,6 +30,7 @@ from typing import Any
 
 import torch
 from _common import (
+    attention_configs,
     default_workdir,
     load_split,
     log,
@@ -68,12 +72,19 @@ class CountingInputs(VLMInputs):
         return batch
 
 
-def run_evostar(model_dir: Path, samples: Sequence[Any], cfg: dict[str, Any], seed: int) -> dict[str, Any]:
+def run_evostar(
+    model_dir: Path, samples: Sequence[Any], cfg: dict[str, Any], seed: int, bf16: bool = False
+) -> dict[str, Any]:
     """One timed `SFTTrainer.train` of `steps` steps from fresh weights and a cold encoding cache."""
     model, processor = load_model_and_processor(model_dir)
     io = CountingInputs(processor)
     optim = OptimConfig(
-        lr=cfg["lr"], schedule="constant", batch_size=cfg["batch_size"], weight_decay=0.0, max_grad_norm=MAX_GRAD_NORM
+        lr=cfg["lr"],
+        schedule="constant",
+        batch_size=cfg["batch_size"],
+        weight_decay=0.0,
+        max_grad_norm=MAX_GRAD_NORM,
+        autocast="bf16" if bf16 else "",
     )
     trainer = SFTTrainer(model, io, optim)
     examples = [Example(s, s.target) for s in samples]
@@ -104,12 +115,16 @@ def trl_dataset(samples: Sequence[Any]) -> Any:
     return Dataset.from_list(rows)
 
 
-def make_trl_trainer(model_dir: Path, dataset: Any, cfg: dict[str, Any], seed: int, out_dir: str) -> Any:
+def make_trl_trainer(
+    model_dir: Path, dataset: Any, cfg: dict[str, Any], seed: int, out_dir: str, bf16: bool = False
+) -> Any:
     from transformers import PrinterCallback, TrainerCallback
     from trl import SFTConfig
     from trl import SFTTrainer as TRLSFTTrainer
 
     model, processor = load_model_and_processor(model_dir)
+    for config in attention_configs(model):
+        config._attn_implementation = "sdpa"  # transformers' attention, as a TRL user has it
     # the option's name changed in transformers 5.2x (gradient_ -> activation_checkpointing)
     fields = {f.name for f in dataclasses.fields(SFTConfig)}
     checkpointing = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
@@ -126,7 +141,7 @@ def make_trl_trainer(model_dir: Path, dataset: Any, cfg: dict[str, Any], seed: i
         adam_beta2=0.999,
         max_grad_norm=MAX_GRAD_NORM,
         use_cpu=True,
-        bf16=False,
+        bf16=bf16,
         fp16=False,
         **{checkpointing: False},
         max_length=None,
@@ -148,7 +163,7 @@ def make_trl_trainer(model_dir: Path, dataset: Any, cfg: dict[str, Any], seed: i
         def on_step_end(self, *a: Any, **kw: Any) -> None:
             self.stamps.append(time.perf_counter())
 
-    assert not (args.bf16 or args.fp16 or getattr(args, checkpointing)), "fp32 without checkpointing, like evostar"
+    assert not (args.fp16 or getattr(args, checkpointing)), "no fp16, no checkpointing, like evostar"
     trainer.remove_callback(PrinterCallback)  # it prints the final metrics dict
     trainer.bench_stamps = Stamps()
     trainer.add_callback(trainer.bench_stamps)
@@ -164,10 +179,10 @@ def make_trl_trainer(model_dir: Path, dataset: Any, cfg: dict[str, Any], seed: i
     return trainer
 
 
-def run_trl(model_dir: Path, dataset: Any, cfg: dict[str, Any], seed: int) -> dict[str, Any]:
+def run_trl(model_dir: Path, dataset: Any, cfg: dict[str, Any], seed: int, bf16: bool = False) -> dict[str, Any]:
     """One timed `trainer.train()` of `steps` steps from fresh weights (construction untimed)."""
     with tempfile.TemporaryDirectory() as out_dir:
-        trainer = make_trl_trainer(model_dir, dataset, cfg, seed, out_dir)
+        trainer = make_trl_trainer(model_dir, dataset, cfg, seed, out_dir, bf16)
         t0 = time.perf_counter()
         trainer.train()
         seconds = time.perf_counter() - t0
@@ -246,9 +261,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
 
     result: dict[str, Any] = {"benchmark": "sft", "config": cfg, "machine": machine_info()}
-    runners = {"evostar": lambda c, seed: run_evostar(model_dir, samples, c, seed)}
+    precisions = {"fp32": False, "bf16": True}
+    runners = {}
+    for tag, bf16 in precisions.items():
+        name = "evostar" if tag == "fp32" else f"evostar-{tag}"
+        runners[name] = lambda c, seed, bf16=bf16: run_evostar(model_dir, samples, c, seed, bf16)
     warm_cfg = {**cfg, "steps": min(2, cfg["steps"])}
-    runners["evostar"](warm_cfg, args.seed)  # warm-up run, untimed
+    for run in list(runners.values()):
+        run(warm_cfg, args.seed)  # warm-up run, untimed
     try:
         dataset = trl_dataset(samples)
         check = initial_losses(model_dir, samples, dataset, cfg)
@@ -264,8 +284,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "  (TRL's completion is the chat template's text after the prompt: it also trains on the "
                 "newline after the end-of-turn token)"
             )
-        run_trl(model_dir, dataset, warm_cfg, args.seed)  # warm-up run, untimed
-        runners["trl"] = lambda c, seed: run_trl(model_dir, dataset, c, seed)
+        for tag, bf16 in precisions.items():
+            run_trl(model_dir, dataset, warm_cfg, args.seed, bf16)  # warm-up run, untimed
+            name = "trl" if tag == "fp32" else f"trl-{tag}"
+            runners[name] = lambda c, seed, bf16=bf16: run_trl(model_dir, dataset, c, seed, bf16)
     except Exception as err:  # TRL missing or unable to run this VLM: still report evostar
         traceback.print_exc()
         log(f"TRL SFTTrainer cannot run here ({type(err).__name__}: {err}); reporting evostar only")
@@ -277,7 +299,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for name in backends if r % 2 == 0 else backends[::-1]:  # alternate to cancel drift
             runs[name].append(runners[name](cfg, args.seed + r))
             m = runs[name][-1]
-            log(f"  repeat {r + 1} {name:8s} {m['seconds']:7.2f} s  {m['loss_tokens_per_s']:9.1f} loss tok/s")
+            log(f"  repeat {r + 1} {name:13s} {m['seconds']:7.2f} s  {m['loss_tokens_per_s']:9.1f} loss tok/s")
 
     keys = ["loss_tokens_per_s", "total_tokens_per_s", "steps_per_s", "steady_loss_tokens_per_s"]
     for name, rs in runs.items():
@@ -288,10 +310,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             total_tokens=rs[0]["total_tokens"],
             runs=rs,
         )
+    # evostar / TRL at the same precision, and each evostar against TRL's fastest precision
+    pairs = {"evostar": ("evostar", "trl"), "evostar-bf16": ("evostar-bf16", "trl-bf16")}
     if "trl" in runs:
+        fastest = max(("trl", "trl-bf16"), key=lambda n: result[n]["loss_tokens_per_s"])
+        result["trl_fastest"] = fastest
+        pairs.update({f"{n} vs fastest TRL": (n, fastest) for n in ("evostar", "evostar-bf16")})
         result["ratio"] = {
-            key: ratio(result["evostar"][key], result["trl"][key]) for key in keys if key in result["evostar"]
+            label: {key: ratio(result[a][key], result[b][key]) for key in keys if key in result[a]}
+            for label, (a, b) in pairs.items()
         }
+        result["ratio"].update(result["ratio"]["evostar"])  # flat fp32 keys, as before
     log("")
     rows = [
         [
@@ -304,11 +333,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ]
         for n in backends
     ]
-    if "ratio" in result:
-        rt = result["ratio"]
+    for label in ("evostar", "evostar-bf16", "evostar vs fastest TRL", "evostar-bf16 vs fastest TRL"):
+        if label not in result.get("ratio", {}):
+            continue
+        rt = result["ratio"][label]
+        a, b = pairs[label]
         rows.append(
             [
-                "evostar / TRL",
+                f"{a} / {b}",
                 "",
                 rt["steps_per_s"],
                 rt["loss_tokens_per_s"],

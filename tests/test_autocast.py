@@ -100,14 +100,21 @@ def test_off_is_bitwise_unchanged(checkpoint, io, examples, fp32_run):
     default, _, w_default = fp32_run
     off, _, w_off = _train(checkpoint, io, examples, lr=1e-3, autocast="")
     ref, w_ref = _reference_train(checkpoint, io, examples, lr=1e-3)
-    assert default == off == ref
+    assert default == off
+    # The reference is the plain transformers step; evostar's (logits at labelled positions only,
+    # no padding mask, its CPU attention) sums the same terms in another order.
+    assert off == pytest.approx(ref, rel=1e-5)
     for name, p in w_default.items():
-        assert torch.equal(p, w_off[name]) and torch.equal(p, w_ref[name]), name
+        assert torch.equal(p, w_off[name]), name
+        torch.testing.assert_close(p, w_ref[name], rtol=1e-4, atol=1e-6)
 
 
 def _reference_train(checkpoint, io, examples, lr):
-    """The SFT step as written before `optim.autocast` existed (one micro-batch, constant LR)."""
+    """The SFT step as written before `optim.autocast` existed (one micro-batch, constant LR), on
+    transformers' own sdpa attention."""
     model = load_model(checkpoint).train()
+    for config in (model.config, *(getattr(model.config, n) for n in model.config.sub_configs)):
+        config._attn_implementation = "sdpa"
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         params, lr=lr, weight_decay=0.0, betas=(0.9, 0.999), fused=True

@@ -596,6 +596,9 @@ def print_summary(summary: dict) -> None:
 def main() -> None:
     """The `evostar` entry point (also `python -m evostar.cli`)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # tokenizers' threads and forked workers
+    from evostar.launch import keep_freed_memory
+
+    keep_freed_memory()  # the same activation buffers are freed and allocated at every step
     app()
 
 

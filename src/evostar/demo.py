@@ -88,9 +88,13 @@ def demo_config(preset: str, out: Path, seed: int, overrides: list[str]) -> Conf
 
     if preset not in PRESETS:
         raise ConfigError(f"--preset {preset!r}: choose one of {sorted(PRESETS)}")
+    from evostar.launch import cpu_has_bf16
+
     data_dir = out / "data"
     base: dict[str, Any] = {}
     deep_update(base, PRESETS[preset]["config"])
+    if cpu_has_bf16():  # bf16 matrix units: SFT under bf16 autocast (weights and AdamW in float32)
+        deep_update(base, {"warmup": {"optim": {"autocast": "bf16"}}, "evolve": {"optim": {"autocast": "bf16"}}})
     deep_update(
         base,
         {

@@ -212,6 +212,10 @@ def load_model(
             raise ModelLoadError(f"{path}: the checkpoint {what} {shown}: is it from another architecture or damaged?")
     if getattr(model, "hf_device_map", None) is not None:
         return model  # placed by a `device_map` (e.g. a 4-bit QLoRA base): `.to` would undo it
+    if torch.device(device).type == "cpu":
+        from evostar.models.attention import use_cpu_attention
+
+        use_cpu_attention(model)
     return model.to(device)
 
 

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 
 import torch
 from tqdm.auto import tqdm
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import Cache, LogitsProcessor, LogitsProcessorList
 
-from evostar.models.inputs import VLMInputs
+from evostar.models.inputs import SEQUENCE_KEYS, VLMInputs
 from evostar.records import Response, Sample
+from evostar.rollout.cache import GrowingCache
 
 
 class InverseCDFSampler(LogitsProcessor):
@@ -46,6 +48,40 @@ class InverseCDFSampler(LogitsProcessor):
         return out.scatter_(-1, token, 0.0)
 
 
+# Families whose generation continues exactly from a prefilled, batch-repeated cache (checked
+# against the unshared path in tests/test_rollout.py).
+PREFILL_SHARING_TYPES = ("qwen2_vl", "qwen2_5_vl", "llava", "llava_next", "idefics3", "internvl")
+
+
+def shares_prefill(model: torch.nn.Module) -> bool:
+    return getattr(model.config, "model_type", None) in PREFILL_SHARING_TYPES
+
+
+def cache_argument(model: torch.nn.Module) -> str:
+    """The name under which this transformers version takes a KV cache (`cache` since 5.2x)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def shared_prefill(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], k: int, cache: Cache
+) -> dict[str, torch.Tensor]:
+    """Encode each prompt of a left-padded batch once, all but its last token, into `cache`, then
+    repeat the cache K times; returns the text inputs, repeated K times, that `generate` continues.
+
+    The last prompt token (text: the generation prompt ends the prompt) is left for `generate`,
+    whose first step then reads the cache like any later step. Images and the prompt's prefill run
+    once per prompt instead of once per sample.
+    """
+    prefix = {key: value[:, :-1] if key in SEQUENCE_KEYS else value for key, value in batch.items()}
+    model(**prefix, **{cache_argument(model): cache}, use_cache=True, logits_to_keep=1)
+    cache.batch_repeat_interleave(k)
+    inner = getattr(model, "model", None)
+    deltas = getattr(inner, "rope_deltas", None)  # M-RoPE offsets (Qwen2-VL), one row per prompt
+    if isinstance(deltas, torch.Tensor) and deltas.shape[0] == batch["input_ids"].shape[0]:
+        inner.rope_deltas = deltas.repeat_interleave(k, dim=0)
+    return {key: value.repeat_interleave(k, dim=0) for key, value in batch.items() if key in SEQUENCE_KEYS}
+
+
 @torch.inference_mode()
 def generate(
     model: torch.nn.Module,
@@ -65,9 +101,9 @@ def generate(
 
     `batch_size` counts sequences, so a batch holds `batch_size // k` prompts. On a GPU each
     image is encoded once and expanded inside `generate` (num_return_sequences) for its native
-    sampler; on CPU every prompt is repeated K times in the batch and `InverseCDFSampler` draws
-    the tokens (the vision tower then runs K times per image, which costs a tiny model far less
-    than `torch.multinomial` does).
+    sampler. On CPU `InverseCDFSampler` draws the tokens (`torch.multinomial` is a large share of
+    a small model's decode step), every prompt is encoded once into a KV cache that is then
+    repeated K times (`shared_prefill`), and the cache grows in place (`GrowingCache`).
     """
     model.eval()
     greedy = temperature <= 0
@@ -82,9 +118,15 @@ def generate(
     for start in range(0, len(order), prompts_per_batch):
         idx = order[start : start + prompts_per_batch]
         chunk = [samples[i] for i in idx]
-        batch = io.collate_prompts([s for s in chunk for _ in range(k)] if own_sampler else chunk)
+        share = own_sampler and k > 1 and shares_prefill(model)
+        copies = k if own_sampler and not share else 1  # on CPU without sharing: each prompt K times
+        batch = io.collate_prompts([s for s in chunk for _ in range(copies)])
         batch = {key: v.to(device) for key, v in batch.items()}
         gen_kwargs = dict(max_new_tokens=max_new_tokens, eos_token_id=io.stop_token_ids, pad_token_id=io.pad_id)
+        if device.type == "cpu":
+            gen_kwargs[cache_argument(model)] = GrowingCache(model.config)
+        if share:
+            batch = shared_prefill(model, batch, k, gen_kwargs[cache_argument(model)])
         if greedy or own_sampler:
             gen_kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         else:
@@ -153,6 +195,8 @@ def complete(
             gen_kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0, num_return_sequences=n)
         if own_sampler:
             gen_kwargs["logits_processor"] = LogitsProcessorList([InverseCDFSampler(temperature, top_p)])
+        if device.type == "cpu":
+            gen_kwargs[cache_argument(model)] = GrowingCache(model.config)
         out = model.generate(**batch, **gen_kwargs)
         decoded = io.tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
         for j, i in enumerate(idx):

@@ -45,6 +45,7 @@ def _build_sampler(model_dir: str, dtype: torch.dtype, state: dict[str, torch.Te
     """A model of `model_dir`'s architecture whose tensors are `state`'s (no copy)."""
     from transformers import AutoConfig
 
+    from evostar.models.attention import use_cpu_attention
     from evostar.models.hub import auto_model_class
 
     config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
@@ -53,16 +54,19 @@ def _build_sampler(model_dir: str, dtype: torch.dtype, state: dict[str, torch.Te
     )
     model.load_state_dict(state, strict=True, assign=True)
     model.generation_config = model.generation_config.from_pretrained(model_dir)
+    use_cpu_attention(model)
     return model.eval()
 
 
 def _worker(model_dir: str, dtype_name: str, io_args: dict[str, Any], trust_remote_code: bool, conn) -> None:
     """Loop of a spawned sampler: receive (samples, kwargs, seed), send back texts."""
+    from evostar.launch import keep_freed_memory
     from evostar.models.hub import load_processor
     from evostar.rollout.hf import generate
 
     torch.set_num_threads(1)
     torch.set_flush_denormal(True)
+    keep_freed_memory()
     parent = os.getppid()
     try:
         state = conn.recv()

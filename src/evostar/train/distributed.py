@@ -31,7 +31,7 @@ from evostar.config import ConfigError, OptimConfig
 from evostar.models.inputs import VLMInputs
 from evostar.rollout.sharded import shard_bounds
 from evostar.train.schedule import ProgressSchedule
-from evostar.train.sft import Example, SFTTrainer, autocast, new_adamw
+from evostar.train.sft import Example, SFTTrainer, new_adamw, response_loss_sum
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -245,18 +245,11 @@ class DistributedSFTTrainer(SFTTrainer):
         loss_sum_local = torch.zeros((), dtype=torch.float64, device=acc.device)
         for i, (batch, weight) in enumerate(batches):
             batch = {k: v.to(acc.device) for k, v in batch.items()}
-            labels = batch.pop("labels")
             # Under FSDP no_sync would keep full unsharded gradients until the last micro-batch;
             # reduce-scattering each one keeps only shards.
             sync = i == len(batches) - 1 or self._fsdp
             with contextlib.nullcontext() if sync else acc.no_sync(self.wrapped):
-                with autocast(self.cfg, acc.device):  # forward only; backward outside it
-                    logits = self.wrapped(**batch).logits
-                logits = logits[:, :-1].float()
-                targets = labels[:, 1:]
-                loss_sum = torch.nn.functional.cross_entropy(
-                    logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="sum"
-                )
+                loss_sum = response_loss_sum(self.wrapped, batch, self.cfg)
                 acc.backward(loss_sum * (weight * scale))
             loss_sum_local += loss_sum.detach().double() * weight
         if self.cfg.max_grad_norm:

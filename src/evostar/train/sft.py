@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -12,7 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from evostar.config import OptimConfig
-from evostar.models.inputs import VLMInputs
+from evostar.models.inputs import IGNORE_INDEX, VLMInputs
 from evostar.records import Sample
 from evostar.train.schedule import ProgressSchedule
 
@@ -36,6 +37,39 @@ def autocast(cfg: OptimConfig, device: torch.device) -> contextlib.AbstractConte
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _hf_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model inside DDP / DeepSpeed (`.module`) and peft (`.get_base_model()`)."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def response_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor], cfg: OptimConfig) -> torch.Tensor:
+    """Summed next-token NLL of the labelled (response) tokens of a collated SFT batch.
+
+    Only the positions from the first labelled token on are projected to the vocabulary
+    (`logits_to_keep`, a view of the hidden states): prompt and image positions carry no loss.
+    The KV cache is off, since a training forward never reads it. The padding mask is dropped:
+    `collate_sft` pads on the right, so under causal attention no labelled token can see a pad,
+    and attention without a mask is cheaper; only the (unlabelled) pad positions change.
+    """
+    batch = dict(batch)
+    labels = batch.pop("labels")
+    batch.pop("attention_mask", None)
+    kwargs: dict = {"use_cache": False}
+    first = 1
+    if "logits_to_keep" in inspect.signature(_hf_model(model).forward).parameters:
+        labelled = (labels != IGNORE_INDEX).any(0).nonzero()
+        first = max(1, int(labelled[0])) if len(labelled) else labels.shape[1]
+        kwargs["logits_to_keep"] = labels.shape[1] - first + 1  # the last positions, from first - 1
+    with autocast(cfg, labels.device):  # forward only; backward outside it
+        logits = model(**batch, **kwargs).logits[:, :-1]
+    targets = labels[:, first:]
+    return torch.nn.functional.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
 
 
 def new_adamw(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
@@ -115,15 +149,7 @@ class SFTTrainer:
             batches.append((batch, n))
         total_loss = 0.0
         for batch, _ in batches:
-            batch = {k: v.to(device) for k, v in batch.items()}
-            labels = batch.pop("labels")
-            with autocast(self.cfg, device):  # off by default: a no-op context
-                logits = self.model(**batch).logits
-            logits = logits[:, :-1].float()
-            targets = labels[:, 1:]
-            loss_sum = torch.nn.functional.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="sum"
-            )
+            loss_sum = response_loss_sum(self.model, {k: v.to(device) for k, v in batch.items()}, self.cfg)
             # Token-mean over the whole batch, so micro-batching does not change the gradient.
             (loss_sum / max(1, total_targets)).backward()
             total_loss += loss_sum.item()
