@@ -118,10 +118,14 @@ def trl_dataset(samples: Sequence[Any]) -> Any:
 def make_trl_trainer(
     model_dir: Path, dataset: Any, cfg: dict[str, Any], seed: int, out_dir: str, bf16: bool = False
 ) -> Any:
+    from accelerate.state import AcceleratorState
     from transformers import PrinterCallback, TrainerCallback
     from trl import SFTConfig
     from trl import SFTTrainer as TRLSFTTrainer
 
+    # accelerate keeps one process-wide state: without a reset a trainer would inherit the mixed
+    # precision of the previous one (bf16 or not)
+    AcceleratorState._reset_state(reset_partial_state=True)
     model, processor = load_model_and_processor(model_dir)
     for config in attention_configs(model):
         config._attn_implementation = "sdpa"  # transformers' attention, as a TRL user has it
@@ -155,6 +159,8 @@ def make_trl_trainer(
         seed=seed,
     )
     trainer = TRLSFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=processor)
+    precision = trainer.accelerator.mixed_precision
+    assert precision == ("bf16" if bf16 else "no"), f"TRL trainer runs with mixed precision {precision!r}"
 
     class Stamps(TrainerCallback):
         def __init__(self) -> None:
@@ -340,7 +346,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         a, b = pairs[label]
         rows.append(
             [
-                f"{a} / {b}",
+                f"{a} / {b}" + (" (fastest TRL)" if "fastest" in label else ""),
                 "",
                 rt["steps_per_s"],
                 rt["loss_tokens_per_s"],

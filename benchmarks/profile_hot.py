@@ -85,7 +85,7 @@ def matmul_shape(name: str, shapes: list) -> tuple[int, int, int, int] | None:
     return None
 
 
-def isolated_seconds(shape: tuple[int, int, int, int], dtype: torch.dtype, min_time: float = 0.02) -> float:
+def isolated_seconds(shape: tuple[int, int, int, int], dtype: torch.dtype, min_time: float = 0.01) -> float:
     """Median time of one matrix multiply of this shape and dtype, repeated until `min_time`."""
     b, m, k, n = shape
     x = torch.randn(b, m, k).to(dtype)
@@ -167,7 +167,7 @@ def rollout_case(model_dir: Path, samples: list) -> Callable[[], Any]:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=3, help="timed repeats per case (mean reported)")
+    p.add_argument("--repeats", type=int, default=2, help="timed repeats per case (mean reported)")
     p.add_argument("--workdir", type=Path, default=None)
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)

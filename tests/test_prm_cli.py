@@ -56,7 +56,7 @@ def tiny(tmp_path_factory) -> Path:
 
 def _json(result) -> dict:
     assert result.exit_code == 0, result.output
-    return json.loads(result.stdout[result.stdout.index("{") :])
+    return json.loads(result.stdout)  # stdout holds the JSON alone
 
 
 def _fails(args: list[str], *needles: str) -> None:

@@ -96,7 +96,7 @@ def guarded(command: Callable[..., Any]) -> Callable[..., Any]:
 @guarded
 def demo(
     preset: Annotated[
-        str, typer.Option(help="quick (a few minutes) or default (about ten) on 2 CPU cores.")
+        str, typer.Option(help="quick (a few minutes) or default (five to ten) on 2 CPU cores.")
     ] = "default",
     out: Annotated[Path, typer.Option(help="Run directory.")] = Path("runs/demo"),
     seed: Annotated[int, typer.Option(help="Seed of the gym, the model and every sample.")] = 0,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -123,8 +124,9 @@ def full_weights() -> Iterator[None]:
     inside `deepspeed.zero.Init`, each rank keeping only a partition (a collective, too). The
     loop samples, evaluates and saves with whole weights, and its trainer partitions a copy.
     """
-    from transformers.integrations import deepspeed as hf_deepspeed
-
+    # Only accelerate's DeepSpeed set-up imports this module and registers a config; importing it
+    # here would import deepspeed, which prints an accelerator warning on stdout.
+    hf_deepspeed = sys.modules.get("transformers.integrations.deepspeed")
     ref = getattr(hf_deepspeed, "_hf_deepspeed_config_weak_ref", None)
     config = ref() if ref is not None else None
     if config is None:

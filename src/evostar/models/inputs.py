@@ -38,6 +38,7 @@ class VLMInputs:
         self.system_prompt = system_prompt
         self.cache_size = cache_size
         self._cache: OrderedDict[tuple, dict[str, torch.Tensor]] = OrderedDict()
+        self._response_cache: OrderedDict[str, list[int]] = OrderedDict()
         self._image_tokens: dict[tuple[int, int], int] = {}
         self.pad_id = self.tokenizer.pad_token_id
         if self.pad_id is None:
@@ -116,7 +117,16 @@ class VLMInputs:
         return n_text + self._image_tokens[size]
 
     def encode_response(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"] + self.turn_end_ids
+        """Token ids of a response and the end of turn (cached: warm-up revisits the same gold
+        chains of thought every epoch, and a prompt's K samples repeat texts)."""
+        ids = self._response_cache.get(text)
+        if ids is None:
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"] + self.turn_end_ids
+            if self.cache_size > 0:
+                self._response_cache[text] = ids
+                if len(self._response_cache) > self.cache_size:
+                    self._response_cache.popitem(last=False)
+        return list(ids)
 
     # -- batches -----------------------------------------------------------------------------
     def collate_prompts(self, samples: Sequence[Sample]) -> dict[str, torch.Tensor]:

@@ -59,7 +59,8 @@ def shares_prefill(model: torch.nn.Module) -> bool:
 
 def cache_argument(model: torch.nn.Module) -> str:
     """The name under which this transformers version takes a KV cache (`cache` since 5.2x)."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
 def shared_prefill(
