@@ -115,22 +115,15 @@ def machine_info() -> dict[str, Any]:
     }
 
 
-def attention_configs(model: torch.nn.Module) -> list[Any]:
-    config = model.config
-    return [
-        config,
-        *(getattr(config, name) for name in getattr(config, "sub_configs", {}) if getattr(config, name, None)),
-    ]
-
-
 @contextlib.contextmanager
 def stock_attention(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
     """transformers' own sdpa attention on `model` inside the block, as a plain transformers or TRL
     user has it (evostar's loader switches CPU models to `evostar.models.attention`)."""
-    configs = attention_configs(model)
+    from evostar.models.attention import attention_configs, use_stock_attention
+
+    configs = list(attention_configs(model).values())
     saved = [c._attn_implementation for c in configs]
-    for c in configs:
-        c._attn_implementation = "sdpa"
+    use_stock_attention(model)
     try:
         yield model
     finally:

@@ -30,7 +30,6 @@ from typing import Any
 
 import torch
 from _common import (
-    attention_configs,
     default_workdir,
     load_split,
     log,
@@ -45,6 +44,7 @@ from _common import (
 )
 
 from evostar.config import OptimConfig
+from evostar.models.attention import use_stock_attention
 from evostar.models.hub import load_model_and_processor
 from evostar.models.inputs import VLMInputs
 from evostar.train import Example, SFTTrainer
@@ -127,8 +127,7 @@ def make_trl_trainer(
     # precision of the previous one (bf16 or not)
     AcceleratorState._reset_state(reset_partial_state=True)
     model, processor = load_model_and_processor(model_dir)
-    for config in attention_configs(model):
-        config._attn_implementation = "sdpa"  # transformers' attention, as a TRL user has it
+    use_stock_attention(model)  # transformers' attention, as a TRL user has it
     # the option's name changed in transformers 5.2x (gradient_ -> activation_checkpointing)
     fields = {f.name for f in dataclasses.fields(SFTConfig)}
     checkpointing = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"

@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from evostar.config import OptimConfig
+from evostar.models.attention import use_stock_attention
 from evostar.models.hub import load_model, load_processor
 from evostar.models.inputs import VLMInputs
 from evostar.models.tiny import TinyModelSpec, build_tiny_qwen2_vl
@@ -113,8 +114,7 @@ def _reference_train(checkpoint, io, examples, lr):
     """The SFT step as written before `optim.autocast` existed (one micro-batch, constant LR), on
     transformers' own sdpa attention."""
     model = load_model(checkpoint).train()
-    for config in (model.config, *(getattr(model.config, n) for n in model.config.sub_configs)):
-        config._attn_implementation = "sdpa"
+    use_stock_attention(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         params, lr=lr, weight_decay=0.0, betas=(0.9, 0.999), fused=True

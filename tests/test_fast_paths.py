@@ -17,6 +17,7 @@ from transformers.cache_utils import DynamicLayer
 from evostar.config import OptimConfig
 from evostar.launch import keep_freed_memory
 from evostar.models import attention
+from evostar.models.attention import use_stock_attention
 from evostar.models.hub import load_model, load_processor
 from evostar.models.inputs import VLMInputs
 from evostar.records import Sample
@@ -50,16 +51,9 @@ def checkpoint(request: pytest.FixtureRequest, samples, tmp_path_factory) -> Pat
     return build_tiny(request.param, texts * 4, tmp_path_factory.mktemp("ckpt") / request.param, seed=0)
 
 
-def stock(model: torch.nn.Module) -> None:
-    config = model.config
-    for sub in [config, *(getattr(config, n) for n in config.sub_configs if getattr(config, n, None) is not None)]:
-        sub._attn_implementation = "sdpa"
-
-
 def test_loader_switches_cpu_models_to_evostar_attention(checkpoint: Path) -> None:
     model = load_model(checkpoint)
-    names = {model.config._attn_implementation}
-    names |= {getattr(model.config, n)._attn_implementation for n in model.config.sub_configs}
+    names = {config._attn_implementation for config in attention.attention_configs(model).values()}
     assert names <= {attention.SDPA, attention.VARLEN}, names
     if model.config.model_type in attention.VARLEN_VISION_TYPES:
         assert model.config.vision_config._attn_implementation == attention.VARLEN
@@ -75,7 +69,7 @@ def test_sft_loss_and_gradients_match_plain_transformers(checkpoint: Path, sampl
     cfg = OptimConfig(autocast=autocast)
 
     def plain_loss(model: torch.nn.Module) -> torch.Tensor:
-        stock(model)
+        use_stock_attention(model)
         inputs = dict(batch)
         labels = inputs.pop("labels")
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bool(autocast)):
@@ -103,7 +97,7 @@ def test_generation_with_the_growing_cache_and_shared_prefill_matches_plain_gene
     that the sampler must take the most likely token: all the same texts."""
     model = load_model(checkpoint).eval()
     io = VLMInputs(load_processor(checkpoint))
-    stock(model)
+    use_stock_attention(model)
     batch = io.collate_prompts(samples)
     with torch.inference_mode():
         out = model.generate(

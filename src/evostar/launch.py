@@ -33,8 +33,8 @@ def keep_freed_memory() -> bool:
     A training step or decode step allocates and frees the same large activation tensors again
     and again; by default glibc maps each one fresh from the kernel and unmaps it on free, so
     every step pays page faults on memory it just released. Raising the mmap and trim thresholds
-    keeps those blocks in the heap (the process's peak memory is unchanged). Process-wide; a no-op
-    where the C library is not glibc. True if applied.
+    keeps those blocks in the heap for reuse; the process then does not hand freed memory back
+    to the system. Process-wide; a no-op where the C library is not glibc. True if applied.
     """
     if not sys.platform.startswith("linux"):
         return False

@@ -149,20 +149,33 @@ AttentionMaskInterface.register(SDPA, sdpa_mask)
 AttentionMaskInterface.register(VARLEN, sdpa_mask)
 
 
+def attention_configs(model: torch.nn.Module) -> dict[str, Any]:
+    """Where transformers reads a model's attention implementation: its config (key "") and each
+    sub-config present (text_config, vision_config, ...)."""
+    config = model.config
+    subs = {name: getattr(config, name, None) for name in getattr(config, "sub_configs", {})}
+    return {"": config, **{name: sub for name, sub in subs.items() if sub is not None}}
+
+
+def use_stock_attention(model: torch.nn.Module) -> None:
+    """transformers' own sdpa everywhere, as a plain transformers or TRL user has it."""
+    for config in attention_configs(model).values():  # the top config first: it may reset the others
+        config._attn_implementation = "sdpa"
+
+
 def use_cpu_attention(model: torch.nn.Module) -> bool:
     """Switch a model that uses sdpa to the functions above; True if anything changed.
 
     Only sdpa configs change (eager, flash-attention or a custom kernel the user chose stay).
     """
-    config = getattr(model, "config", None)
-    if config is None:
+    if getattr(model, "config", None) is None:
         return False
-    names = [name for name in getattr(config, "sub_configs", {}) if getattr(config, name, None) is not None]
-    subs = [getattr(config, name) for name in names]
+    configs = attention_configs(model)
+    config = configs.pop("")
     # Decide from the implementations as loaded: setting the top config's may reset its sub-configs.
     chosen = [
         (sub, VARLEN if name == "vision_config" and config.model_type in VARLEN_VISION_TYPES else SDPA)
-        for name, sub in zip(names, subs, strict=True)
+        for name, sub in configs.items()
         if getattr(sub, "_attn_implementation", None) == "sdpa"
     ]
     top_is_sdpa = getattr(config, "_attn_implementation", None) == "sdpa"

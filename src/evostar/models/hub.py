@@ -14,6 +14,8 @@ do not meet it (InternVL's native `-hf` format does, see `evostar.models.familie
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import os
 import sys
 from collections.abc import Iterator
@@ -53,6 +55,23 @@ def _load_error(path: str | os.PathLike, what: str, err: Exception) -> ModelLoad
         text = "weights of another shape than config.json describes (is the config from another model?)"
     message = (text[:300] + " ...") if len(text) > 300 else (text or type(err).__name__)
     return ModelLoadError(f"{path}: cannot load the {what} ({type(err).__name__}): {message}")
+
+
+def transformers_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model inside DDP / DeepSpeed (`.module`) and peft (`.get_base_model()`)."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+@functools.cache
+def _forward_parameters(cls: type) -> frozenset[str]:
+    return frozenset(inspect.signature(cls.forward).parameters)
+
+
+def forward_accepts(model: torch.nn.Module, name: str) -> bool:
+    """The transformers model's `forward` takes the keyword `name` (read once per class)."""
+    return name in _forward_parameters(type(transformers_model(model)))
 
 
 def auto_model_class(config: PretrainedConfig, trust_remote_code: bool = False) -> type:

@@ -94,10 +94,7 @@ class VLMInputs:
             with Image.open(sample.image) as img:
                 kwargs["images"] = [img.convert("RGB")]
         enc = dict(self.processor(**kwargs))
-        if self.cache_size > 0:
-            self._cache[key] = enc
-            if len(self._cache) > self.cache_size:
-                self._cache.popitem(last=False)
+        self._remember(self._cache, key, enc)
         return enc
 
     def prompt_length(self, sample: Sample) -> int:
@@ -122,11 +119,15 @@ class VLMInputs:
         ids = self._response_cache.get(text)
         if ids is None:
             ids = self.tokenizer(text, add_special_tokens=False)["input_ids"] + self.turn_end_ids
-            if self.cache_size > 0:
-                self._response_cache[text] = ids
-                if len(self._response_cache) > self.cache_size:
-                    self._response_cache.popitem(last=False)
+            self._remember(self._response_cache, text, ids)
         return list(ids)
+
+    def _remember(self, cache: OrderedDict, key: object, value: object) -> None:
+        """Keep `value` in a cache of at most `cache_size` entries (oldest out first)."""
+        if self.cache_size > 0:
+            cache[key] = value
+            if len(cache) > self.cache_size:
+                cache.popitem(last=False)
 
     # -- batches -----------------------------------------------------------------------------
     def collate_prompts(self, samples: Sequence[Sample]) -> dict[str, torch.Tensor]:

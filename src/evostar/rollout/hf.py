@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
 
 import torch
 from tqdm.auto import tqdm
 from transformers import Cache, LogitsProcessor, LogitsProcessorList
 
+from evostar.models.hub import forward_accepts
 from evostar.models.inputs import SEQUENCE_KEYS, VLMInputs
 from evostar.records import Response, Sample
 from evostar.rollout.cache import GrowingCache
@@ -59,8 +59,32 @@ def shares_prefill(model: torch.nn.Module) -> bool:
 
 def cache_argument(model: torch.nn.Module) -> str:
     """The name under which this transformers version takes a KV cache (`cache` since 5.2x)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
-    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+    return "cache" if forward_accepts(model, "cache") else "past_key_values"
+
+
+def generate_kwargs(
+    model: torch.nn.Module,
+    io: VLMInputs,
+    *,
+    greedy: bool,
+    own_sampler: bool,
+    temperature: float,
+    top_p: float,
+    max_new_tokens: int,
+    n: int,
+) -> dict:
+    """`model.generate` options for one batch: greedy, evostar's CPU sampler, or transformers'
+    sampler with `n` return sequences; on CPU a fresh `GrowingCache`."""
+    kwargs: dict = dict(max_new_tokens=max_new_tokens, eos_token_id=io.stop_token_ids, pad_token_id=io.pad_id)
+    if greedy or own_sampler:
+        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    else:
+        kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0, num_return_sequences=n)
+    if own_sampler:
+        kwargs["logits_processor"] = LogitsProcessorList([InverseCDFSampler(temperature, top_p)])
+    if next(model.parameters()).device.type == "cpu":
+        kwargs[cache_argument(model)] = GrowingCache(model.config)
+    return kwargs
 
 
 def shared_prefill(
@@ -123,17 +147,18 @@ def generate(
         copies = k if own_sampler and not share else 1  # on CPU without sharing: each prompt K times
         batch = io.collate_prompts([s for s in chunk for _ in range(copies)])
         batch = {key: v.to(device) for key, v in batch.items()}
-        gen_kwargs = dict(max_new_tokens=max_new_tokens, eos_token_id=io.stop_token_ids, pad_token_id=io.pad_id)
-        if device.type == "cpu":
-            gen_kwargs[cache_argument(model)] = GrowingCache(model.config)
-        if share:
+        gen_kwargs = generate_kwargs(
+            model,
+            io,
+            greedy=greedy,
+            own_sampler=own_sampler,
+            temperature=temperature,
+            top_p=top_p,
+            max_new_tokens=max_new_tokens,
+            n=k,
+        )
+        if share:  # own_sampler implies CPU, hence a GrowingCache to prefill
             batch = shared_prefill(model, batch, k, gen_kwargs[cache_argument(model)])
-        if greedy or own_sampler:
-            gen_kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        else:
-            gen_kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0, num_return_sequences=k)
-        if own_sampler:
-            gen_kwargs["logits_processor"] = LogitsProcessorList([InverseCDFSampler(temperature, top_p)])
         out = model.generate(**batch, **gen_kwargs)
         new_tokens = out[:, batch["input_ids"].shape[1] :]
         decoded = io.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
@@ -189,15 +214,16 @@ def complete(
         rows = [i for i in idx for _ in range(repeat)]
         batch = io.collate_ids([samples[i] for i in rows], [prefix_ids[i] for i in rows], left=True)
         batch = {key: v.to(device) for key, v in batch.items()}
-        gen_kwargs = dict(max_new_tokens=max_new_tokens, eos_token_id=io.stop_token_ids, pad_token_id=io.pad_id)
-        if greedy or own_sampler:
-            gen_kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        else:
-            gen_kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0, num_return_sequences=n)
-        if own_sampler:
-            gen_kwargs["logits_processor"] = LogitsProcessorList([InverseCDFSampler(temperature, top_p)])
-        if device.type == "cpu":
-            gen_kwargs[cache_argument(model)] = GrowingCache(model.config)
+        gen_kwargs = generate_kwargs(
+            model,
+            io,
+            greedy=greedy,
+            own_sampler=own_sampler,
+            temperature=temperature,
+            top_p=top_p,
+            max_new_tokens=max_new_tokens,
+            n=n,
+        )
         out = model.generate(**batch, **gen_kwargs)
         decoded = io.tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
         for j, i in enumerate(idx):

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import contextlib
-import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -13,6 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from evostar.config import OptimConfig
+from evostar.models.hub import forward_accepts
 from evostar.models.inputs import IGNORE_INDEX, VLMInputs
 from evostar.records import Sample
 from evostar.train.schedule import ProgressSchedule
@@ -39,13 +39,6 @@ def autocast(cfg: OptimConfig, device: torch.device) -> contextlib.AbstractConte
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def _hf_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The transformers model inside DDP / DeepSpeed (`.module`) and peft (`.get_base_model()`)."""
-    while hasattr(model, "module"):
-        model = model.module
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 def response_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor], cfg: OptimConfig) -> torch.Tensor:
     """Summed next-token NLL of the labelled (response) tokens of a collated SFT batch.
 
@@ -60,7 +53,7 @@ def response_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor], cf
     batch.pop("attention_mask", None)
     kwargs: dict = {"use_cache": False}
     first = 1
-    if "logits_to_keep" in inspect.signature(_hf_model(model).forward).parameters:
+    if forward_accepts(model, "logits_to_keep"):
         labelled = (labels != IGNORE_INDEX).any(0).nonzero()
         first = max(1, int(labelled[0])) if len(labelled) else labels.shape[1]
         kwargs["logits_to_keep"] = labels.shape[1] - first + 1  # the last positions, from first - 1
