@@ -88,3 +88,20 @@ def test_not_a_model_directory(tmp_path):
 def test_evolve_with_bad_config_key(tmp_path):
     result = runner.invoke(app, ["evolve", "model.path=x", "evolve.iteratons=2"])
     assert result.exit_code == 2 and "iteratons" in result.output
+
+
+def test_demo_mix_is_parsed_and_bad_mixes_are_named(tmp_path):
+    from evostar.demo import parse_mix
+
+    assert parse_mix("arith=0.7, compare=0.15,bars=0.15") == (("arith", 0.7), ("compare", 0.15), ("bars", 0.15))
+    for bad, expect in (
+        ("arith=0.5,dice=0.5", "'dice=0.5'"),
+        ("arith", "'arith'"),
+        ("arith=-1", "'arith=-1'"),
+        ("arith=0.5,arith=0.5", "each family once"),
+        ("arith=0", "sum above 0"),
+    ):
+        result = runner.invoke(app, ["demo", "--preset", "smoke", "--out", str(tmp_path / "d"), "--mix", bad])
+        assert result.exit_code != 0 and "Traceback" not in result.output
+        assert "--mix" in result.output and expect in result.output, result.output
+    assert not (tmp_path / "d").exists()  # refused before anything was built

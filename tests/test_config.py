@@ -24,10 +24,13 @@ CHOICE_KEYS = {
     "prm.aggregate",
     "prm.optim.schedule",
     "prm.optim.autocast",
+    "evolve.pseudo_label",
+    "adapt.controller",
 }
 REFUSED_CHOICES = {  # declared, but refused with their own message (here: the PRM is off)
     ("evolve.selection", "top_k"): "prm.enabled is false",
     ("evolve.selection", "threshold"): "prm.enabled is false",
+    ("adapt.controller", "reward_pass"): "prm.enabled is false",
 }
 ROWS = describe()
 NUMERIC = [r for r in ROWS if isinstance(r.default, (int, float)) and not isinstance(r.default, bool)]

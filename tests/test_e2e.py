@@ -68,6 +68,8 @@ def comparable(summary: dict) -> dict:
     out = {k: v for k, v in summary.items() if k not in drop}
     out["iterations"] = [{k: v for k, v in it.items() if not k.endswith("seconds")} for it in summary["iterations"]]
     out["warmup"] = {k: v for k, v in summary["warmup"].items() if k != "seconds"}
+    if "prm" in out:  # the labelling rate is a timing too
+        out["prm"] = {k: v for k, v in summary["prm"].items() if k != "labels_per_second"}
     return out
 
 
@@ -93,6 +95,12 @@ def test_demo_runs_and_resume_after_sigkill_is_exact(full, tmp_path):
     it = summary["iterations"][0]
     assert it["prompts"] == 17 and it["responses"] == 17 * 4
     assert set(it) >= {"kept", "val_accuracy", "val_pass_at_k", "temperature", "seconds"}
+    # The smoke preset runs the full recipe: PRM stages, PRM top-2, the controller before iterations 1 and 3.
+    assert [r["adapted"] for r in summary["iterations"]] == [True, False, True]
+    assert summary["temperatures"] == [r["temperature"] for r in summary["iterations"]]
+    assert set(summary["iterations"][0]["temperature_curve"]) == {"0.6", "0.9", "1.2"}
+    assert summary["prm"]["completions"] > 0
+    assert (full / "report" / "report.md").is_file() and (full / "report" / "temperature_curves.png").is_file()
     # The run directory holds every stage's outputs.
     assert (full / "config.yaml").exists()
     samples = [json.loads(line) for line in (full / "samples" / "iter_002.jsonl").read_text().splitlines()]
@@ -103,7 +111,8 @@ def test_demo_runs_and_resume_after_sigkill_is_exact(full, tmp_path):
     assert {"model.safetensors", "config.json", "trainer.pt", "state.json"} <= {p.name for p in ckpt.iterdir()}
     assert json.loads((ckpt / "state.json").read_text())["cursor"] == 51
 
-    # Kill a second run with SIGKILL once iteration 1 is on disk, then resume it.
+    # Kill a second run with SIGKILL once iteration 1 (and the controller's first choice) is on
+    # disk, then resume it: the controller's second choice, and everything after, must not change.
     killed = tmp_path / "killed"
     progress = killed / "progress.json"
     kill_when(demo_cmd(killed), lambda: progress.exists() and "iter_1" in progress.read_text())

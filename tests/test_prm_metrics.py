@@ -110,3 +110,21 @@ def test_abstaining_and_unscored_responses():
 def test_reward_pass_at_k():
     assert reward_pass_at_k(VOTES, k=1) == 0.5  # p's top response is wrong, q's is right
     assert reward_pass_at_k(VOTES, k=2) == 1.0
+
+
+def test_baselines_every_step_right_and_best_threshold():
+    from evostar.reward.prm.baselines import baseline_measures, best_threshold_f1
+
+    def r(steps: list[bool], scores: list[float] | None = None) -> Response:
+        return Response("a", "x", correct=True, steps_correct=steps, step_scores=scores)
+
+    responses = [r([True, True]), r([True, False]), r([False, True]), r([True, True, True])]
+    policy = [[0.9, 0.8], [0.9, 0.3], [0.2, 0.7], [0.6, 0.9, 0.7]]
+    got = baseline_measures(responses, policy)
+    # never predicting an error: all-correct responses right, wrong-process ones all missed
+    assert got["every_step_right"] == {"step_auroc": 0.5, "first_error_f1": 0.0}
+    # any threshold in (0.3, 0.6] finds both first errors and passes both all-correct responses
+    assert got["policy_logprob"]["first_error_f1"] == 1.0
+    assert 0.3 < got["policy_logprob"]["threshold"] <= 0.6
+    assert got["policy_logprob"]["step_auroc"] == 1.0
+    assert best_threshold_f1([r([True, False], [0.5, 0.5])])["f1"] is None  # no all-correct group

@@ -285,3 +285,28 @@ def test_score_responses_fills_steps_answer_and_aggregate(tiny, seed):
     assert one[3].step_scores == [] and one[3].score == one[3].answer_score  # only an answer block
     with pytest.raises(UserError, match="response 0: sample_id 'nope'"):
         score_responses(prm, seed, [Response(sample_id="nope", text="x")])
+
+
+def test_policy_step_scores_are_the_geometric_mean_token_probability_of_each_step(seed, policy):
+    from evostar.reward.prm.baselines import policy_step_scores
+
+    model, io = policy
+    texts = [s.target for s in seed[:3]]
+    responses = [Response(s.id, t) for s, t in zip(seed, texts, strict=False)]
+    got = policy_step_scores(model, io, seed[:3], responses, batch_size=2)
+    sep = io.tokenizer("\n\n", add_special_tokens=False)["input_ids"]
+    for sample, text, scores in zip(seed, texts, got, strict=False):
+        steps = split_steps(text)
+        assert len(scores) == len(steps)
+        prompt = io.encode_prompt(sample)
+        for k, step in enumerate(steps):  # one row per step: the prefix up to it, then the step
+            before: list[int] = []
+            for j in range(k):
+                before += io.tokenizer(steps[j], add_special_tokens=False)["input_ids"] + sep
+            own = io.tokenizer(step, add_special_tokens=False)["input_ids"]
+            batch = io.collate_ids([sample], [before + own], left=False)
+            with torch.inference_mode():
+                lp = torch.log_softmax(model(**batch).logits.float(), -1)[0]
+            start = prompt["input_ids"].shape[1] + len(before)
+            token_lp = [lp[start + i - 1, t] for i, t in enumerate(own)]
+            assert scores[k] == pytest.approx(float(torch.stack(token_lp).mean().exp()), rel=1e-4)

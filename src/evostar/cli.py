@@ -102,13 +102,24 @@ def demo(
     seed: Annotated[int, typer.Option(help="Seed of the gym, the model and every sample.")] = 0,
     resume: Annotated[bool, typer.Option("--resume", help="Continue a killed run in OUT.")] = False,
     progress: Annotated[bool, typer.Option(help="Progress bars.")] = True,
+    mix: Annotated[
+        str | None,
+        typer.Option(help="Gym families and weights, e.g. arith=0.7,compare=0.15,bars=0.15 (default: the preset's)."),
+    ] = None,
     overrides: Annotated[list[str] | None, typer.Argument(help="Config overrides key=value.")] = None,
 ) -> None:
     """Build the gym and a tiny Qwen2-VL, warm it up, self-evolve it, and report the gain."""
-    from evostar.demo import run_demo
+    from evostar.demo import parse_mix, run_demo
 
     summary = run_demo(
-        preset, out, seed=seed, resume=resume, progress=progress, overrides=overrides or [], console=console
+        preset,
+        out,
+        seed=seed,
+        resume=resume,
+        progress=progress,
+        overrides=overrides or [],
+        console=console,
+        mix=parse_mix(mix) if mix else None,
     )
     print_summary(summary)
 
@@ -523,7 +534,7 @@ def prm_eval(
     from evostar.config import GenerationConfig, PRMConfig
     from evostar.evaluate import evaluate
     from evostar.models.hub import load_model
-    from evostar.prm_stages import eval_report, plot_selection, sample_responses, score_with
+    from evostar.prm_stages import eval_report, judge_baselines, plot_selection, sample_responses, score_with
     from evostar.reward.prm import load_prm
     from evostar.rundir import atomic_write_json, check_writable, dumps, write_jsonl
 
@@ -550,7 +561,14 @@ def prm_eval(
     score_with(scorer, cfg, samples, sampled)
     gen = GenerationConfig(max_new_tokens=max_new_tokens, eval_batch_size=batch_size)
     _, greedy = evaluate(net, io, samples, gen, desc="greedy", progress=False)
-    report = {"prm": str(prm), "policy": str(policy), "data": str(data), "k": k, **eval_report(sampled, greedy)}
+    baselines = judge_baselines(net, io, samples, sampled)
+    report = {
+        "prm": str(prm),
+        "policy": str(policy),
+        "data": str(data),
+        "k": k,
+        **eval_report(sampled, greedy, baselines=baselines),
+    }
     if responses is not None:
         write_jsonl(responses, [r.to_dict() for r in sampled])
     if plot is not None:

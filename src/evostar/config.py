@@ -38,6 +38,8 @@ Autocast = Literal["", "bf16"]
 PRMStrategy = Literal["binary", "every"]
 PRMLabel = Literal["hard", "soft"]
 PRMAggregate = Literal["min", "mean", "last", "product"]
+Controller = Literal["static", "reward_pass", "pass_at_k", "balance"]
+PseudoLabel = Literal["majority", "prm_weighted", "oracle"]
 
 SCORED_SELECTIONS = ("top_k", "threshold")
 """Selections that rank by `Response.score`; refused unless the PRM (`prm.enabled`) fills it."""
@@ -213,6 +215,11 @@ class DataConfig(_Checked):
     image_root: str = _f("", "Folder image paths resolve against (default: each data file's folder).")
     max_train: int = _f(0, "Use at most this many training prompts (0: all).", ge=0)
     max_val: int = _f(0, "Use at most this many validation prompts (0: all).", ge=0)
+    unlabeled: str = _f(
+        "",
+        "A second prompt pool trained on with pseudo-labels (evolve.pseudo_label); answers in it are used "
+        "only by the oracle mode and to measure pseudo-label accuracy ('': none).",
+    )
 
 
 @dataclass
@@ -322,7 +329,51 @@ class EvolveConfig(_Checked):
         "Keep one copy of identical correct responses of a prompt (off: a response sampled often "
         "weighs more, as in the paper).",
     )
+    unlabeled_from: float = _f(
+        0.0,
+        "With data.unlabeled: share of the iterations done before unlabeled prompts are mixed in "
+        "(0: from the first; 0.75: the last quarter).",
+        ge=0,
+        lt=1,
+    )
+    pseudo_label: PseudoLabel = _f(
+        "majority",
+        "Answer an unlabeled prompt is trained towards: majority (most frequent final answer of its K "
+        "samples), prm_weighted (answer with the largest summed PRM score) or oracle (its true answer).",
+    )
     optim: OptimConfig = _section(OptimConfig, "Self-evolving optimizer.")
+
+
+@dataclass
+class AdaptConfig(_Checked):
+    """The sampling temperature of the loop: fixed, or re-chosen every few iterations on a
+    validation subset by what the next iteration's samples would be worth (M-STaR section 4)."""
+
+    controller: Controller = _f(
+        "static",
+        "static (gen.temperature throughout), reward_pass (argmax Reward-Pass@k of the PRM over the grid), "
+        "pass_at_k (argmax Pass@K) or balance (B-STaR's balance score).",
+    )
+    every: int = _f(2, "Re-choose the temperature before iteration 1, 1 + every, 1 + 2 * every, ...", ge=1)
+    t_min: float = _f(0.3, "Lowest temperature of the grid.", gt=0)
+    t_max: float = _f(1.6, "Highest temperature of the grid.", gt=0)
+    t_step: float = _f(0.1, "Spacing of the grid.", gt=0)
+    prompts: int = _f(250, "Validation prompts the candidates are sampled on (the first N; 0: all).", ge=0)
+    k: int = _f(0, "Samples per prompt and candidate (0: gen.k, as in training).", ge=0)
+    reward_pass_k: int = _f(2, "k of Reward-Pass@k (a correct response among the PRM's top-k).", ge=1)
+    balance_n_star: int = _f(
+        4, "balance: n*, the number of distinct correct selected responses that counts as enough.", ge=1
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.t_max < self.t_min:
+            raise refuse("t_max", self.t_max, f"below t_min={self.t_min}")
+
+    def grid(self) -> list[float]:
+        """t_min, t_min + t_step, ... up to t_max (rounded, so 0.3 + 0.1 reads 0.4)."""
+        n = int(math.floor((self.t_max - self.t_min) / self.t_step + 1e-9)) + 1
+        return [round(self.t_min + i * self.t_step, 6) for i in range(n)]
 
 
 @dataclass
@@ -331,7 +382,24 @@ class EvalConfig(_Checked):
     pass_temperature: float | None = _f(
         1.0, "Temperature of the Pass@K samples (null: the loop's own temperature).", gt=0
     )
-    pass_prompts: int = _f(0, "Validation prompts used for Pass@K (0: all; the first N otherwise).", ge=0)
+    pass_prompts: int = _f(
+        0,
+        "Validation prompts used for Pass@K (0: all; the first N otherwise); greedy accuracy is also "
+        "reported on the same prompts.",
+        ge=0,
+    )
+    trackers: str = _f(
+        "",
+        "Also log the per-iteration metrics through accelerate's trackers: a comma list of "
+        "tensorboard, wandb ('': none). Files go to RUN/tracking.",
+        check=lambda v: (
+            None
+            if all(t in ("tensorboard", "wandb") for t in filter(None, (x.strip() for x in v.split(","))))
+            else "choose from tensorboard, wandb (comma-separated)"
+        ),
+        allowed="'', tensorboard, wandb, or both comma-separated",
+        resume_safe=True,
+    )
 
 
 @dataclass
@@ -428,6 +496,7 @@ class Config(_Checked):
     evolve: EvolveConfig = _section(EvolveConfig, "The loop.")
     eval: EvalConfig = _section(EvalConfig, "Monitoring.")
     prm: PRMConfig = _section(PRMConfig, "Process reward model (off unless prm.enabled).")
+    adapt: AdaptConfig = _section(AdaptConfig, "Temperature controller (static unless adapt.controller).")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -437,6 +506,15 @@ class Config(_Checked):
 def check_combinations(cfg: Config) -> None:
     """Refuse values that are each allowed but do not work together."""
     ev, gen, warm, model, prm = cfg.evolve, cfg.gen, cfg.warmup, cfg.model, cfg.prm
+    if cfg.adapt.controller == "reward_pass" and not prm.enabled:
+        raise refuse(
+            "adapt.controller",
+            "reward_pass",
+            "ranks samples by the process reward model, and prm.enabled is false: set prm.enabled=true, "
+            "or choose static, pass_at_k or balance",
+        )
+    if ev.pseudo_label == "prm_weighted" and cfg.data.unlabeled and not prm.enabled:
+        raise refuse("evolve.pseudo_label", "prm_weighted", "weights votes by PRM scores, and prm.enabled is false")
     if ev.selection in SCORED_SELECTIONS and not prm.enabled:
         raise refuse(
             "evolve.selection",
@@ -452,6 +530,7 @@ def check_combinations(cfg: Config) -> None:
             "the PRM from: set prm.init to a full checkpoint directory",
         )
     ks = [("gen.k", gen.k), ("eval.pass_k", cfg.eval.pass_k), ("warmup.hinted_k", warm.hinted_k)]
+    ks.append(("adapt.k", cfg.adapt.k))
     for key, k in ks + ([("prm.collect_k", prm.collect_k)] if prm.enabled else []):
         if k > gen.batch_size:  # a prompt's K samples share one generate call
             raise refuse(key, k, f"more than gen.batch_size={gen.batch_size} sequences per generate call")

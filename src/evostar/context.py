@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import yaml
 
-from evostar.config import Config, PRMConfig, build_config, dump_yaml, resume_conflicts, to_dict
+from evostar.config import AdaptConfig, Config, PRMConfig, build_config, dump_yaml, resume_conflicts, to_dict
 from evostar.errors import RunDirError
 from evostar.launch import maybe_accelerator, resolve_device
 from evostar.models.hub import load_processor
@@ -26,6 +26,8 @@ from evostar.rundir import RunDir, SharedRunDir, atomic_write_text, is_progress,
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
+    from evostar.tracking import Trackers
+
 
 @dataclass
 class RunContext:
@@ -37,6 +39,13 @@ class RunContext:
     backend: Callable[..., list[Response]]
     """Sampling: transformers `generate`, the CPU worker pool or a vLLM engine (built on first use)."""
     say: Callable[[str], None]
+    trackers: Trackers | None = None
+    """accelerate's trackers (eval.trackers), on the main process only."""
+
+    def track(self, record: dict[str, Any], step: int) -> None:
+        """A metrics record to the trackers, if any."""
+        if self.trackers is not None:
+            self.trackers.log(record, step)
 
     @property
     def processor(self) -> Any:
@@ -86,6 +95,9 @@ class RunContext:
         """Free what the backend holds (a vLLM engine's GPU memory, a CPU pool's processes)."""
         if hasattr(self.backend, "close"):
             self.backend.close()
+        if self.trackers is not None:
+            self.trackers.close()
+            self.trackers = None
 
 
 def prompt_encoder(cfg: Config) -> VLMInputs:
@@ -121,12 +133,20 @@ def open_run(cfg: Config, resume: bool = False, console: Any = None, io: VLMInpu
     device = accelerator.device if accelerator else resolve_device(cfg.device)
     io = io or prompt_encoder(cfg)
     say = console.print if console is not None and main else (lambda *a, **k: None)
-    return RunContext(cfg, run, io, device, accelerator, make_rollout(cfg), say)
+    trackers = None
+    if cfg.eval.trackers and main:
+        from evostar.tracking import Trackers
+
+        trackers = Trackers(cfg.eval.trackers, run.root, run.root.name, to_dict(cfg))
+    return RunContext(cfg, run, io, device, accelerator, make_rollout(cfg), say, trackers)
 
 
-ADDED_SECTIONS: dict[str, Callable[[], dict[str, Any]]] = {"prm": lambda: to_dict(PRMConfig())}
+ADDED_SECTIONS: dict[str, Callable[[], dict[str, Any]]] = {
+    "prm": lambda: to_dict(PRMConfig()),
+    "adapt": lambda: to_dict(AdaptConfig()),
+}
 """Sections added to `Config` after runs were saved without them, with the values that reproduce
-what those runs did (the PRM off)."""
+what those runs did (the PRM off, a static temperature)."""
 
 
 def with_added_sections(data: Any) -> Any:

@@ -32,6 +32,11 @@ GYM_FAMILIES = (("arith", 0.9), ("compare", 0.05), ("bars", 0.05))
 _WARMUP = {"optim": {"schedule": "constant", "weight_decay": 0.1}}
 _GEN = {"k": 4, "temperature": 1.0, "max_new_tokens": 48, "workers": 2, "rollout_dtype": "bfloat16"}
 _EVOLVE_OPTIM = {"lr": 2e-4, "weight_decay": 0.0}
+# The paper's final row: PRM top-2 among the correct responses, the temperature re-chosen every
+# two iterations by Reward-Pass@2 on validation. The PRM is trained once, after warm-up, on
+# Monte-Carlo labels of the warm-up policy's own responses (docs/prm.md).
+_PRM = {"enabled": True, "collect_k": 4, "n_completions": 8, "max_new_tokens": 48}
+_MSTAR = {"evolve": {"selection": "top_k", "select_k": 2}, "adapt": {"controller": "reward_pass", "every": 2}}
 
 # Every preset is a set of config overrides plus the gym's sizes.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -40,9 +45,17 @@ PRESETS: dict[str, dict[str, Any]] = {
         "gym": {"n_seed": 32, "n_train": 48, "n_val": 16, "n_test_id": 16, "n_test_ood": 16},
         "config": {
             "warmup": {"steps": 20, "eval_every": 10, "optim": {"batch_size": 8}},
-            "evolve": {"iterations": 3, "interval": 0.34, "steps_per_iteration": 4, "optim": {"batch_size": 8}},
+            "evolve": {
+                "iterations": 3,
+                "interval": 0.34,
+                "steps_per_iteration": 4,
+                "optim": {"batch_size": 8},
+                **_MSTAR["evolve"],
+            },
             "gen": {**_GEN, "max_new_tokens": 40},
             "eval": {"pass_k": 2},
+            "prm": {**_PRM, "collect_prompts": 8, "max_new_tokens": 40, "steps": 4, "optim": {"batch_size": 8}},
+            "adapt": {**_MSTAR["adapt"], "t_min": 0.6, "t_max": 1.2, "t_step": 0.3, "prompts": 8},
         },
     },
     "quick": {
@@ -58,9 +71,11 @@ PRESETS: dict[str, dict[str, Any]] = {
             # Too short for the warm-up's plateau (docs/experiments.md): part of this preset's gain is
             # what a longer warm-up would give too.
             "warmup": {"steps": 450, "eval_every": 150, **_WARMUP},
-            "evolve": {"iterations": 5, "interval": 0.25, "optim": _EVOLVE_OPTIM},
+            "evolve": {"iterations": 5, "interval": 0.25, "optim": _EVOLVE_OPTIM, **_MSTAR["evolve"]},
             "gen": _GEN,
-            "eval": {"pass_k": 4, "pass_prompts": 48, "pass_temperature": None},
+            "eval": {"pass_k": 4, "pass_prompts": 0, "pass_temperature": None},
+            "prm": {**_PRM, "collect_prompts": 128, "steps": 150},
+            "adapt": {**_MSTAR["adapt"], "prompts": 100},
         },
     },
     "default": {
@@ -74,9 +89,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         },
         "config": {
             "warmup": {"steps": 1500, "eval_every": 250, **_WARMUP},
-            "evolve": {"iterations": 6, "interval": 0.25, "optim": _EVOLVE_OPTIM},
+            "evolve": {"iterations": 6, "interval": 0.25, "optim": _EVOLVE_OPTIM, **_MSTAR["evolve"]},
             "gen": _GEN,
-            "eval": {"pass_k": 4, "pass_prompts": 64, "pass_temperature": None},
+            "eval": {"pass_k": 4, "pass_prompts": 0, "pass_temperature": None},
+            "prm": {**_PRM, "collect_prompts": 256, "steps": 200},
+            "adapt": {**_MSTAR["adapt"], "prompts": 250},
         },
     },
 }
@@ -113,6 +130,28 @@ def demo_config(preset: str, out: Path, seed: int, overrides: list[str]) -> Conf
     return build_config(base, overrides)
 
 
+def parse_mix(text: str) -> tuple[tuple[str, float], ...]:
+    """`arith=0.7,compare=0.15,bars=0.15` as gym families and weights, or a ConfigError."""
+    from evostar.config import ConfigError
+    from evostar.data.gym import TEMPLATES
+
+    mix = []
+    for part in [p.strip() for p in text.split(",") if p.strip()]:
+        name, eq, weight = part.partition("=")
+        try:
+            value = float(weight)
+        except ValueError:
+            value = float("nan")
+        if not eq or name.strip() not in TEMPLATES or not value >= 0:
+            raise ConfigError(
+                f"--mix {text!r}: {part!r} is not family=weight with a family of {sorted(TEMPLATES)} and a weight >= 0"
+            )
+        mix.append((name.strip(), value))
+    if not mix or len({n for n, _ in mix}) < len(mix) or sum(w for _, w in mix) <= 0:
+        raise ConfigError(f"--mix {text!r}: name each family once, with weights that sum above 0")
+    return tuple(mix)
+
+
 def gym_texts(data_dir: Path) -> list[str]:
     """Text the tiny tokenizer is trained on: questions, gold chains of thought, chat scaffolding."""
     texts = ["user\nassistant\n", "# Answer\n\n"]
@@ -130,8 +169,10 @@ def run_demo(
     progress: bool = True,
     overrides: Sequence[str] = (),
     console: Any = None,
+    mix: Sequence[tuple[str, float]] | None = None,
 ) -> dict[str, Any]:
-    """Build the gym and a tiny Qwen2-VL in `out`, then run the whole recipe on them."""
+    """Build the gym (families `mix`, the preset's by default) and a tiny Qwen2-VL in `out`, then
+    run the whole recipe on them."""
     from evostar.context import check_same_run
     from evostar.data.gym import build_gym
     from evostar.models.tiny import build_tiny_qwen2_vl
@@ -145,18 +186,33 @@ def run_demo(
     if resume:
         check_same_run(out, cfg)
     run = RunDir(out, resume=resume)
-    stage_seconds = dict(run.result("setup") or {})
+    families = [[name, float(w)] for name, w in (mix or PRESETS[preset].get("families", GYM_FAMILIES))]
+    setup = dict(run.result("setup") or {})
+    if run.done("setup") and setup.get("families", families) != families:
+        from evostar.errors import RunDirError
+
+        raise RunDirError(f"{out}: its gym was built with --mix {setup['families']}, not {families}")
+    stage_seconds = {k: v for k, v in setup.items() if k != "families"}
     if not run.done("setup"):
         t0 = time.perf_counter()
         if console is not None:
             console.print(f"[bold]evostar demo[/] preset={preset} seed={seed} → {out}")
-        build_gym(out / "data", seed=seed, families=GYM_FAMILIES, **PRESETS[preset]["gym"])
+        build_gym(out / "data", seed=seed, families=[tuple(f) for f in families], **PRESETS[preset]["gym"])
         stage_seconds["gym"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         build_tiny_qwen2_vl(gym_texts(out / "data"), out / "model_init", seed=seed)
         stage_seconds["model"] = time.perf_counter() - t0
-        run.log("setup", **stage_seconds)
-        run.finish("setup", stage_seconds)
-    return run_experiment(
-        cfg, resume=True, extra={"preset": preset, "stage_seconds": stage_seconds, "resumed": resume}, console=console
+        run.log("setup", **stage_seconds, families=families)
+        run.finish("setup", {**stage_seconds, "families": families})
+    summary = run_experiment(
+        cfg,
+        resume=True,
+        extra={"preset": preset, "gym_mix": dict(families), "stage_seconds": stage_seconds, "resumed": resume},
+        console=console,
     )
+    from evostar.report import write_report
+
+    page = write_report(out)
+    if console is not None:
+        console.print(f"report: {page}")
+    return summary

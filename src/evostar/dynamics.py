@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from evostar.records import Response, group_by_sample
+from evostar.records import Response, group_by_sample, split_steps
 
 
 def accuracy(responses: Sequence[Response]) -> float:
@@ -44,3 +44,51 @@ def distinct_share(responses: Sequence[Response]) -> float:
     if not groups:
         return 0.0
     return float(np.mean([len({r.text for r in g}) / len(g) for g in groups.values()]))
+
+
+def balance_score(responses: Sequence[Response], n_star: int = 4, threshold: float | None = None) -> float:
+    """B-STaR's balance score: the mean over prompts of min(c / n*, 1) * c / n, where n counts a
+    prompt's selected responses (score above `threshold`; all of them when None) and c the
+    distinct correct ones among them: enough correct samples (exploration) and a selection that
+    is mostly correct (exploitation). A prompt with nothing selected scores 0."""
+    groups = group_by_sample(responses)
+    values = []
+    for g in groups.values():
+        picked = [r for r in g if threshold is None or (r.score is not None and r.score > threshold)]
+        c = len({r.text for r in picked if r.correct})
+        values.append(min(c / n_star, 1.0) * c / len(picked) if picked else 0.0)
+    return float(np.mean(values)) if values else 0.0
+
+
+def mean_steps(responses: Sequence[Response]) -> float | None:
+    """Mean number of reasoning steps (paragraphs before `# Answer`) per response."""
+    return float(np.mean([len(split_steps(r.text)) for r in responses])) if responses else None
+
+
+def candidate_metrics(
+    responses: Sequence[Response], reward_k: int = 2, n_star: int = 4, threshold: float | None = None
+) -> dict[str, float | None]:
+    """What one candidate temperature's samples are worth: by each controller's measure."""
+    scored = any(r.score is not None for r in responses)
+    return {
+        "accuracy": accuracy(responses),
+        "pass_at_k": pass_at_k(responses),
+        "reward_pass_at_k": reward_pass_at_k(responses, reward_k) if scored else None,
+        "balance": balance_score(responses, n_star, threshold if scored else None),
+        "distinct_share": distinct_share(responses),
+    }
+
+
+CONTROLLER_METRIC = {"reward_pass": "reward_pass_at_k", "pass_at_k": "pass_at_k", "balance": "balance"}
+"""The `candidate_metrics` key each adaptive controller maximises."""
+
+
+def choose_temperature(curve: dict[float, dict[str, float | None]], controller: str, current: float) -> float:
+    """The candidate with the best value of the controller's measure; among equals, the one
+    nearest the temperature in use (no change without a reason), then the lower one."""
+    key = CONTROLLER_METRIC[controller]
+    values = {t: m[key] for t, m in curve.items() if m.get(key) is not None}
+    if not values:
+        raise ValueError(f"controller {controller!r}: no candidate has a {key} value")
+    best = max(values.values())
+    return min((t for t, v in values.items() if v == best), key=lambda t: (abs(t - current), t))

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from evostar.config import GenerationConfig
-from evostar.dynamics import accuracy, all_steps_correct_share, pass_at_k
+from evostar.dynamics import accuracy, all_steps_correct_share
 from evostar.models.inputs import VLMInputs
 from evostar.records import Response, Sample
 from evostar.reward.answer import reward_responses
@@ -53,28 +53,3 @@ def evaluate(
         "steps_all_correct": all_steps_correct_share(responses),
         "n": len(samples),
     }, responses
-
-
-def evaluate_pass_at_k(
-    model: torch.nn.Module,
-    io: VLMInputs,
-    samples: Sequence[Sample],
-    gen: GenerationConfig,
-    k: int,
-    temperature: float,
-    *,
-    progress: bool = True,
-) -> tuple[float, list[Response]]:
-    responses = generate(
-        model,
-        io,
-        samples,
-        k=k,
-        temperature=temperature,
-        max_new_tokens=gen.max_new_tokens,
-        batch_size=gen.batch_size,
-        desc=f"pass@{k}",
-        progress=progress,
-    )
-    score(samples, responses)
-    return pass_at_k(responses), responses

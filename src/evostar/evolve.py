@@ -1,9 +1,10 @@
 """The self-evolving loop.
 
-Each iteration: generate K responses per prompt of the next slice of training prompts at
-temperature T -> reward (answer match; the gym also checks every step; with a PRM, its score)
--> select correct responses -> improve (SFT on them) -> monitor (greedy accuracy and Pass@K on
-validation) -> checkpoint. Continuous self-evolving keeps one optimizer and LR schedule for the whole run;
+Each iteration: adapt (every few iterations, the temperature whose validation samples are worth
+most) -> generate K responses per prompt of the next slice of training prompts at temperature
+T (and of unlabeled prompts, pseudo-labelled by their own votes) -> reward (answer match; the
+gym also checks every step; with a PRM, its score) -> select correct responses -> improve (SFT
+on them) -> monitor (greedy accuracy, Pass@K and Reward-Pass@k on validation) -> checkpoint. Continuous self-evolving keeps one optimizer and LR schedule for the whole run;
 iterative RFT re-creates them every iteration; ReST-EM also restarts from the initial model.
 """
 
@@ -21,11 +22,21 @@ import torch
 
 from evostar.config import Config, EvolveConfig
 from evostar.context import RunContext
-from evostar.dynamics import accuracy, all_steps_correct_share, distinct_share, pass_at_k, reward_pass_at_k
+from evostar.dynamics import (
+    accuracy,
+    all_steps_correct_share,
+    candidate_metrics,
+    choose_temperature,
+    distinct_share,
+    mean_steps,
+    pass_at_k,
+    reward_pass_at_k,
+)
 from evostar.errors import RunDirError
-from evostar.evaluate import evaluate, evaluate_pass_at_k, score
+from evostar.evaluate import evaluate, score
 from evostar.models.hub import load_policy
 from evostar.prm_stages import score_with
+from evostar.pseudo import pseudo_labelled
 from evostar.records import Response, Sample
 from evostar.rundir import stage_seed
 from evostar.select import select
@@ -43,13 +54,20 @@ class LoopState:
     cursor: int = 0
     """Prompts consumed so far (kept apart from the optimizer step: resume never skips data)."""
     temperature: float = 1.0
+    """Sampling temperature in use: gen.temperature, or the controller's last choice."""
     history: list[dict] = field(default_factory=list)
+    unlabeled_cursor: int = 0
+    """Unlabeled prompts consumed so far (a stream of its own)."""
 
     @classmethod
     def from_checkpoint(cls, saved: dict, path: Path) -> LoopState:
-        """The state a checkpoint's state.json holds, or a RunDirError naming the file."""
+        """The state a checkpoint's state.json holds, or a RunDirError naming the file (states
+        saved before `unlabeled_cursor` existed read as 0, which is what those runs did)."""
         kinds = {"iteration": int, "cursor": int, "temperature": (int, float), "history": list}
-        if set(saved) != set(kinds) or not all(isinstance(saved[k], t) for k, t in kinds.items()):
+        optional = {"unlabeled_cursor": int}
+        if not (set(kinds) <= set(saved) <= set(kinds) | set(optional)) or not all(
+            isinstance(saved[k], t) for k, t in {**kinds, **optional}.items() if k in saved
+        ):
             raise RunDirError(f"{path}: not a loop state ({sorted(kinds)} with their types); it may be damaged")
         return cls(**saved)
 
@@ -61,14 +79,20 @@ def evolve(
     val: list[Sample],
     init_dir: Path | None,
     prm: PRM | None = None,
+    unlabeled: list[Sample] | None = None,
 ) -> tuple[torch.nn.Module, LoopState]:
     """Run (or resume) `cfg.evolve.iterations` iterations; the trained model and the loop state.
 
-    With a `prm`, every sampled response gets its score (what top_k / threshold rank by)."""
+    With a `prm`, every sampled response gets its score (what top_k / threshold rank by); with
+    `unlabeled` prompts, they join the slice from `evolve.unlabeled_from` on, pseudo-labelled."""
     cfg, ev = ctx.cfg, ctx.cfg.evolve
     model, trainer, state = start_or_resume(ctx, model)
     for it in range(state.iteration + 1, ev.iterations + 1):
         clock = Clock()
+        # Adapt: every adapt.every iterations, the temperature whose validation samples are worth most.
+        with clock("adapt"):
+            adapted = adapt_temperature(ctx, model, val, state.temperature, it, prm)
+        state.temperature = adapted["temperature"] if adapted else state.temperature
         prompts = next_slice(train, state.cursor, slice_size(len(train), ev.interval), cfg.seed)
         # Generate: K responses for each prompt of the next slice, at the loop's temperature.
         with clock("generate"):
@@ -78,19 +102,24 @@ def evolve(
         if prm is not None:
             with clock("prm_score"):
                 score_with(prm, cfg.prm, prompts, responses, cfg.progress)
+        # Unlabeled prompts: sampled the same way, rewarded against the answer their samples vote for.
+        extra = unlabeled_step(ctx, model, unlabeled, state, it, prm)
+        pool, sampled = prompts + extra["prompts"], responses + extra["responses"]
         # Select: the correct responses to learn from, by the configured strategy.
-        kept = select_kept(responses, ev, seed=stage_seed(cfg.seed, "select", it))
+        kept = select_kept(sampled, ev, seed=stage_seed(cfg.seed, "select", it))
         # Improve: SFT on the kept responses (after the mode's restart, if any).
         model, trainer = restart_for_mode(ctx, model, trainer, init_dir)
         with clock("train"):
-            stats = improve(trainer, sft_examples(prompts, kept), it, cfg)
+            stats = improve(trainer, sft_examples(pool, kept), it, cfg)
         # Monitor: greedy accuracy, Pass@K (and the PRM's Reward-Pass@k) on the validation split.
         monitor = validate(ctx, model, val, state.temperature, it, prm)
         # Checkpoint: weights, optimizer, loop state and samples; only then is the iteration done.
         record = iteration_record(it, prompts, responses, kept, stats, monitor, trainer, state, clock)
+        record.update(adapted_record(adapted) | unlabeled_record(extra, kept))
         state.iteration, state.cursor = it, state.cursor + len(prompts)
+        state.unlabeled_cursor += len(extra["all_prompts"])
         state.history.append(record)
-        save_iteration(ctx, model, trainer, state, responses)
+        save_iteration(ctx, model, trainer, state, sampled)
     return model, state
 
 
@@ -188,23 +217,107 @@ def schedule_span(it: int, ev: EvolveConfig) -> tuple[float, float]:
 def validate(
     ctx: RunContext, model: torch.nn.Module, val: list[Sample], temperature: float, it: int, prm: PRM | None = None
 ) -> dict:
-    """Greedy accuracy on the validation split, and Pass@K at the configured temperature; with a
-    PRM, Reward-Pass@k on the same K samples (a correct response among its top `prm.reward_pass_k`)."""
+    """Greedy accuracy on the validation split, and Pass@K at the configured temperature on the
+    first `eval.pass_prompts` of it with greedy accuracy on those same prompts (Pass@K can then
+    never read below it); with a PRM, Reward-Pass@k on the same K samples (a correct response
+    among its top `prm.reward_pass_k`)."""
     cfg = ctx.cfg
-    metrics, _ = evaluate(model, ctx.io, val, cfg.gen, desc=f"iter {it} val", progress=cfg.progress)
-    val_pass = reward_pass = None
+    metrics, greedy = evaluate(model, ctx.io, val, cfg.gen, desc=f"iter {it} val", progress=cfg.progress)
+    out: dict = {"val_accuracy": metrics["accuracy"], "val_pass_at_k": None}
     if cfg.eval.pass_k > 0:
-        torch.manual_seed(stage_seed(cfg.seed, "pass@k", it))
-        pass_val = val[: cfg.eval.pass_prompts] if cfg.eval.pass_prompts else val
+        n = cfg.eval.pass_prompts or len(val)
+        pass_val, pass_greedy = val[:n], greedy[:n]  # greedy responses come back in prompt order
         pass_t = temperature if cfg.eval.pass_temperature is None else cfg.eval.pass_temperature
-        val_pass, sampled = evaluate_pass_at_k(
-            model, ctx.io, pass_val, cfg.gen, cfg.eval.pass_k, pass_t, progress=cfg.progress
-        )
+        seed = stage_seed(cfg.seed, "pass@k", it)
+        sampled = score(pass_val, ctx.sample(model, pass_val, pass_t, seed=seed, it=it, k=cfg.eval.pass_k))
+        out["val_pass_at_k"] = pass_at_k(sampled)
+        out["val_greedy_on_pass_prompts"] = accuracy(pass_greedy)
+        out["val_pass_minus_greedy"] = out["val_pass_at_k"] - out["val_greedy_on_pass_prompts"]
+        out["val_distinct_share"] = distinct_share(sampled)
         if prm is not None:
             score_with(prm, cfg.prm, pass_val, sampled, cfg.progress)
-            reward_pass = reward_pass_at_k(sampled, cfg.prm.reward_pass_k)
-    out = {"val_accuracy": metrics["accuracy"], "val_pass_at_k": val_pass}
-    return {**out, "val_reward_pass_at_k": reward_pass} if prm is not None else out
+            out["val_reward_pass_at_k"] = reward_pass_at_k(sampled, cfg.prm.reward_pass_k)
+    return out
+
+
+# --------------------------------------------------------------------------------- adapt
+def adapt_temperature(
+    ctx: RunContext, model: torch.nn.Module, val: list[Sample], current: float, it: int, prm: PRM | None
+) -> dict | None:
+    """Before iterations 1, 1 + every, ...: sample K per validation prompt at every candidate
+    temperature and return the one the controller's measure prefers, with the whole curve.
+    None for the static controller and between choices. Seeded per iteration and candidate, on
+    the weights of the last finished iteration, so a resumed run chooses what it chose before."""
+    cfg, a = ctx.cfg, ctx.cfg.adapt
+    if a.controller == "static" or (it - 1) % a.every:
+        return None
+    prompts = val[: a.prompts] if a.prompts else val
+    threshold = cfg.evolve.threshold if prm is not None else None
+    curve: dict[float, dict] = {}
+    for t in a.grid():
+        seed = stage_seed(cfg.seed, "adapt", it, f"{t:.6f}")
+        sampled = score(prompts, ctx.sample(model, prompts, t, seed=seed, it=it, k=a.k or cfg.gen.k))
+        if prm is not None:
+            score_with(prm, cfg.prm, prompts, sampled)
+        curve[t] = candidate_metrics(sampled, a.reward_pass_k, a.balance_n_star, threshold)
+    chosen = choose_temperature(curve, a.controller, current)
+    ctx.run.log(
+        "adapt",
+        part_of=f"iter_{it}",
+        iteration=it,
+        controller=a.controller,
+        chosen=chosen,
+        previous=current,
+        curve=curve,
+    )
+    ctx.say(f"iter {it}: temperature {current:g} -> {chosen:g} ({a.controller})")
+    return {"temperature": chosen, "previous": current, "curve": curve}
+
+
+def adapted_record(adapted: dict | None) -> dict:
+    """What the iteration's metrics line says about the controller (nothing when it did not run)."""
+    if adapted is None:
+        return {"adapted": False}
+    curve = {f"{t:g}": m for t, m in adapted["curve"].items()}  # JSON keys are strings
+    return {"adapted": True, "temperature_previous": adapted["previous"], "temperature_curve": curve}
+
+
+# --------------------------------------------------------------------------------- unlabeled
+def mixes_unlabeled(unlabeled: list[Sample] | None, it: int, ev: EvolveConfig) -> bool:
+    """Unlabeled prompts join iteration `it` once `unlabeled_from` of the iterations are done."""
+    return bool(unlabeled) and (it - 1) >= ev.unlabeled_from * ev.iterations - 1e-9
+
+
+def unlabeled_step(
+    ctx: RunContext, model: torch.nn.Module, unlabeled: list[Sample] | None, state: LoopState, it: int, prm: PRM | None
+) -> dict:
+    """The next slice of the unlabeled pool: K samples per prompt, each prompt labelled by its
+    samples' vote (or its true answer, `oracle`) and the samples rewarded against that label.
+    Nothing (empty lists) before `evolve.unlabeled_from` or without a pool."""
+    import dataclasses
+
+    cfg, ev = ctx.cfg, ctx.cfg.evolve
+    if not mixes_unlabeled(unlabeled, it, ev):
+        return {"all_prompts": [], "prompts": [], "responses": [], "stats": None}
+    size = slice_size(len(unlabeled), ev.interval)
+    prompts = next_slice(unlabeled, state.unlabeled_cursor, size, stage_seed(cfg.seed, "unlabeled"))
+    hidden = [dataclasses.replace(s, answer=None) for s in prompts]  # the votes never see an answer
+    seed = stage_seed(cfg.seed, "generate-unlabeled", it)
+    responses = score(hidden, ctx.sample(model, hidden, state.temperature, seed=seed, it=it))
+    if prm is not None:
+        score_with(prm, cfg.prm, hidden, responses, cfg.progress)
+    labelled, stats = pseudo_labelled(prompts, responses, ev.pseudo_label)
+    ids = {s.id for s in labelled}
+    responses = [r for r in responses if r.sample_id in ids]  # no label, nothing to reward
+    score(labelled, responses)
+    return {"all_prompts": prompts, "prompts": labelled, "responses": responses, "stats": stats}
+
+
+def unlabeled_record(extra: dict, kept: list[Response]) -> dict:
+    if extra["stats"] is None:
+        return {}
+    ids = {s.id for s in extra["prompts"]}
+    return {**extra["stats"], "unlabeled_kept": sum(r.sample_id in ids for r in kept)}
 
 
 class Clock:
@@ -240,11 +353,15 @@ def iteration_record(
         "iteration": it,
         "prompts": len(prompts),
         "responses": len(responses),
+        "correct": sum(bool(r.correct) for r in responses),
         "kept": len(kept),
         "train_accuracy": accuracy(responses),
         "train_pass_at_k": pass_at_k(responses),
         "distinct_share": distinct_share(responses),
         "kept_steps_all_correct": all_steps_correct_share(kept),
+        "mean_response_chars": float(np.mean([len(r.text) for r in responses])) if responses else None,
+        "mean_steps": mean_steps(responses),
+        "kept_mean_steps": mean_steps(kept),
         **monitor,
         "temperature": state.temperature,
         "sft_loss": stats["loss"],
@@ -255,6 +372,7 @@ def iteration_record(
         "generate_seconds": clock.seconds["generate"],
         "train_seconds": clock.seconds["train"],
         **({"prm_score_seconds": clock.seconds["prm_score"]} if "prm_score" in clock.seconds else {}),
+        "adapt_seconds": clock.seconds.get("adapt", 0.0),
         "seconds": clock.total(),
     }
 
@@ -268,4 +386,5 @@ def save_iteration(
     run.save_checkpoint(f"iter_{it}", model, ctx.processor, trainer.state_dict(), state.__dict__)
     run.log(f"iter_{it}", **record)
     run.finish(f"iter_{it}", record)
+    ctx.track(record, step=it)
     run.prune_checkpoints(keep=["warmup", "prm", f"iter_{it}"])

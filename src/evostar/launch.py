@@ -99,6 +99,9 @@ def maybe_accelerator(cfg: Config | None = None) -> Accelerator | None:
 
 def check_environment(cfg: Config) -> None:
     """Refuse what this machine cannot run (called at the start of a run, before any compute)."""
+    from evostar.tracking import check_trackers
+
+    check_trackers(cfg.eval.trackers)
     if cfg.device.startswith("cuda"):
         if not torch.cuda.is_available():
             raise refuse("device", cfg.device, "no CUDA device on this machine: use cpu or auto")

@@ -38,6 +38,8 @@ class Data:
     tests: dict[str, list[Sample]]
     seed_cot: list[Sample]
     files: dict[str, str] = field(default_factory=dict)
+    unlabeled: list[Sample] = field(default_factory=list)
+    """The pseudo-labelled pool (data.unlabeled); its answers reach the loop only as the oracle."""
     """Role (train, val, seed_cot, test NAME) -> the file it came from, for error messages."""
 
 
@@ -60,7 +62,7 @@ def run_experiment(
         data.seed_cot = hinted_warmup_set(ctx, model, data.train)
     model, init_dir = warm_up(ctx, model, data)
     prm = run_prm_stages(ctx, model, data, init_dir or cfg.model.path) if cfg.prm.enabled else None
-    model, state = evolve(ctx, model, data.train, data.val, init_dir, prm)
+    model, state = evolve(ctx, model, data.train, data.val, init_dir, prm, data.unlabeled)
     ctx.close()
     evaluate_stage(ctx, model, data, "final")
     return write_summary(ctx, state, t_start, resume, extra or {})
@@ -90,7 +92,34 @@ def load_data(cfg: Config) -> Data:
     if missing:
         raise DataError(f"{d.seed_cot}: warm-up records need a chain of thought; {missing[:3]} have none")
     tests = {name: loaded[f"test {name}"] for name in d.test}
-    return Data(train, val, tests, seed_cot, files)
+    unlabeled = load_unlabeled(cfg, train) if d.unlabeled else []
+    if d.unlabeled:
+        files["unlabeled"] = d.unlabeled
+    return Data(train, val, tests, seed_cot, files, unlabeled)
+
+
+def load_unlabeled(cfg: Config, train: list[Sample]) -> list[Sample]:
+    """The unlabeled pool, refused when its ids clash with the training prompts' (a kept response
+    must name one prompt) or, for the oracle, when a record has no answer."""
+    path = cfg.data.unlabeled
+    pool = _nonempty(
+        load_samples(path, image_root=cfg.data.image_root or None, require_answer=False), path, "unlabeled"
+    )
+    train_ids = {s.id for s in train}
+    clash = [s.id for s in pool if s.id in train_ids]
+    if clash:
+        raise DataError(
+            f"{path}: record ids {clash[:3]} are also ids of data.train ({cfg.data.train}); ids must differ"
+        )
+    if cfg.evolve.pseudo_label == "oracle":
+        missing = next((s for s in pool if s.answer is None), None)
+        if missing is not None:
+            raise DataError(
+                f"{path} record {missing.meta.get('source', '').rpartition(':')[2] or missing.id} (id {missing.id!r}): "
+                "field 'answer' is missing, and evolve.pseudo_label=oracle "
+                "trains every unlabeled prompt towards its true answer"
+            )
+    return pool
 
 
 def _nonempty(samples: list[Sample], path: str, role: str) -> list[Sample]:
@@ -102,7 +131,7 @@ def _nonempty(samples: list[Sample], path: str, role: str) -> list[Sample]:
 def check_fit(io: VLMInputs, context: int | None, cfg: Config, data: Data) -> None:
     """Refuse prompts (and warm-up targets) that do not fit the model's `context` with
     `gen.max_new_tokens` of room, and images the processor cannot take, before any compute."""
-    sets = {"train": data.train, "val": data.val, "seed_cot": data.seed_cot}
+    sets = {"train": data.train, "val": data.val, "seed_cot": data.seed_cot, "unlabeled": data.unlabeled}
     sets.update({f"test {n}": s for n, s in data.tests.items()})
     for role, samples in sets.items():
         room, room_from = cfg.gen.max_new_tokens, ""
@@ -226,6 +255,7 @@ def write_summary(ctx: RunContext, state: LoopState, t_start: float, resume: boo
         "warmup": {k: v for k, v in (run.result("warmup") or {}).items() if k != "tests"},
         **({"hinted_warmup": run.result("hinted")} if run.done("hinted") else {}),
         **({"prm": prm} if prm is not None else {}),
+        "temperatures": [r["temperature"] for r in state.history],
         "iterations": state.history,
         "run_dir": str(run.root),
         **extra,

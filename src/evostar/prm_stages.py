@@ -31,6 +31,7 @@ from evostar.config import PRMConfig
 from evostar.dynamics import accuracy, reward_pass_at_k
 from evostar.errors import RunDirError, UserError
 from evostar.evaluate import score
+from evostar.models.inputs import VLMInputs
 from evostar.records import Response, Sample, split_steps
 from evostar.reward.prm import (
     PRM,
@@ -46,13 +47,13 @@ from evostar.reward.prm import (
     selection_accuracy,
     step_auroc,
 )
+from evostar.reward.prm.baselines import baseline_measures, policy_step_scores
 from evostar.reward.prm.labels import StepLabels, read_manifest
 from evostar.rundir import RunDir, read_jsonl, stage_seed, write_jsonl
 from evostar.select import select
 
 if TYPE_CHECKING:
     from evostar.context import RunContext
-    from evostar.models.inputs import VLMInputs
     from evostar.pipeline import Data
 
 __all__ = [
@@ -61,6 +62,7 @@ __all__ = [
     "collect_stage",
     "eval_report",
     "eval_stage",
+    "judge_baselines",
     "label_stage",
     "plot_selection",
     "process_measures",
@@ -179,6 +181,22 @@ def process_measures(responses: Sequence[Response], seed: int = 0) -> dict[str, 
         "reward_pass_at_2": reward_pass_at_k(responses, 2),
         "correct_with_truth": len(known),
     }
+
+
+def judge_baselines(
+    model: torch.nn.Module,
+    io: VLMInputs,
+    samples: Sequence[Sample],
+    responses: Sequence[Response],
+    batch_size: int = 16,
+    progress: bool = False,
+) -> dict[str, Any] | None:
+    """The PRM's baselines on the same responses ("every step is right", the policy's own
+    per-step token confidence); None where no response has step truth."""
+    if not any(r.steps_correct is not None for r in responses):
+        return None
+    scores = policy_step_scores(model, io, samples, responses, batch_size=batch_size, progress=progress)
+    return baseline_measures(responses, scores)
 
 
 # --------------------------------------------------------------------------------- run stages
@@ -329,11 +347,18 @@ def eval_stage(ctx: RunContext, model: torch.nn.Module, prm: PRM, val: Sequence[
         responses = _sample(ctx, model, prompts, stage_seed(cfg.seed, "prm-eval"), "prm eval")
         score_with(prm, cfg.prm, prompts, responses, cfg.progress)
         write_jsonl(run.root / "prm" / "val_responses.jsonl", [r.to_dict() for r in responses])
-        res = {**process_measures(responses, cfg.seed), "seconds": time.perf_counter() - t0}
+        res = {
+            **process_measures(responses, cfg.seed),
+            "baselines": judge_baselines(model, ctx.io, prompts, responses, cfg.prm.score_batch_size, cfg.progress),
+            "seconds": time.perf_counter() - t0,
+        }
         run.log("prm_eval", **res)
         run.finish("prm_eval", res)
     res = run.result("prm_eval")
     shown = {k: res[k] for k in ("step_auroc_val", "first_error_f1_val", "invalid_rate_top2", "invalid_rate_random2")}
+    policy = (res.get("baselines") or {}).get("policy_logprob")
+    if policy:
+        shown["policy_logprob_auroc"] = policy["step_auroc"]
     ctx.say("prm: " + ", ".join(f"{k} {'-' if v is None else f'{v:.3f}'}" for k, v in shown.items()))
 
 
@@ -354,10 +379,12 @@ def prm_summary(run: RunDir) -> tuple[dict[str, float], dict[str, Any]]:
 
 
 # --------------------------------------------------------------------------------- prm eval
-def _top2_vs_rest(responses: Sequence[Response]) -> dict[str, Any]:
-    """Among correct responses: PRM top-2 per prompt against the other correct ones, by mean
-    number of steps and share with every step right (None when step truth is unknown)."""
+def _top2_vs_rest(responses: Sequence[Response], seed: int = 0) -> dict[str, Any]:
+    """Among correct responses: PRM top-2 per prompt against the other correct ones (and a
+    random 2 per prompt), by mean number of steps and share with every step right (None when
+    step truth is unknown). Prompts with at most 2 correct responses count in every group."""
     top = select(responses, "top_k", k=2, dedupe=False)
+    random2 = select(responses, "random_k", k=2, dedupe=False, seed=stage_seed(seed, "prm-random2"))
     picked = {id(r) for r in top}
     rest = [r for r in responses if r.correct and id(r) not in picked]
 
@@ -369,10 +396,15 @@ def _top2_vs_rest(responses: Sequence[Response]) -> dict[str, Any]:
             "all_steps_correct": float(np.mean([bool(r.all_steps_correct) for r in known])) if known else None,
         }
 
-    return {"top2": describe(top), "rest": describe(rest)}
+    return {"top2": describe(top), "rest": describe(rest), "random2": describe(random2)}
 
 
-def eval_report(responses: Sequence[Response], greedy: Sequence[Response], ks: Sequence[int] = SELECTION_KS) -> dict:
+def eval_report(
+    responses: Sequence[Response],
+    greedy: Sequence[Response],
+    ks: Sequence[int] = SELECTION_KS,
+    baselines: dict[str, Any] | None = None,
+) -> dict:
     """What `evostar prm eval` prints: the PRM as a step judge (where step truth exists), as a
     verifier (best-of-N, majority and weighted voting beside greedy) and as a reranker."""
     truth = any(r.steps_correct is not None for r in responses)
@@ -385,6 +417,8 @@ def eval_report(responses: Sequence[Response], greedy: Sequence[Response], ks: S
     if truth:
         out["step_auroc"] = step_auroc(responses)
         out["first_error_f1"] = first_error_f1(responses)
+        if baselines is not None:
+            out["baselines"] = baselines
     out["accuracy"] = {**curves, "greedy": accuracy(greedy)}
     out["correct_top2_vs_rest"] = _top2_vs_rest(responses)
     return out

@@ -194,7 +194,8 @@ class RunDir:
             os.fsync(f.fileno())
 
     def _truncate_metrics(self) -> None:
-        """Drop metric lines of stages that did not finish: the resumed run writes them again."""
+        """Drop metric lines of stages that did not finish: the resumed run writes them again (a
+        line with `part_of` belongs to that stage: the temperature controller's, to its iteration)."""
         path = self.root / "metrics.jsonl"
         if not path.exists():
             return
@@ -204,7 +205,7 @@ class RunDir:
                 row = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a line cut by the kill
-            if row.get("stage") in self.progress["completed"]:
+            if row.get("part_of", row.get("stage")) in self.progress["completed"]:
                 keep.append(line + "\n")
         atomic_write_text(path, "".join(keep))
 

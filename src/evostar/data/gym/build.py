@@ -21,6 +21,9 @@ SPLITS: dict[str, tuple[int, str, str, bool]] = {
     "val": (2, "eval", "id", False),
     "test_id": (3, "eval", "id", False),
     "test_ood": (4, "eval", "ood", False),
+    # a second training pool for pseudo-labelling (data.unlabeled); its answers are kept in the
+    # file, for the oracle mode and for measuring pseudo-label accuracy, and hidden from the votes
+    "unlabeled": (5, "train", "id", False),
 }
 """Each split draws from its own rng stream, so changing one split's size leaves the others
 unchanged."""
@@ -59,6 +62,7 @@ def build_gym(
     n_val: int = 250,
     n_test_id: int = 500,
     n_test_ood: int = 500,
+    n_unlabeled: int = 0,
     families: Sequence[tuple[str, float]] = DEFAULT_FAMILIES,
     ood_style_strength: float = 1.0,
 ) -> dict[str, Path]:
@@ -70,12 +74,21 @@ def build_gym(
     """
     out = Path(out_dir)
     (out / IMAGE_DIR).mkdir(parents=True, exist_ok=True)
-    sizes = {"seed": n_seed, "train": n_train, "val": n_val, "test_id": n_test_id, "test_ood": n_test_ood}
+    sizes = {
+        "seed": n_seed,
+        "train": n_train,
+        "val": n_val,
+        "test_id": n_test_id,
+        "test_ood": n_test_ood,
+        "unlabeled": n_unlabeled,
+    }
     paths: dict[str, Path] = {}
     for split, (stream, pool, style, with_rationale) in SPLITS.items():
         n = sizes[split]
         if n < 0:
             raise ValueError(f"n_{split} must be >= 0, got {n}")
+        if split == "unlabeled" and n == 0:
+            continue  # no file: most runs have no unlabeled pool
         rng = np.random.default_rng([int(seed), stream])
         problems = generate_problems(
             n,
