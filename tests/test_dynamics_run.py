@@ -241,3 +241,25 @@ def test_unlabeled_pools_that_cannot_work_are_refused(tiny, tmp_path):
         run_experiment(
             load_config(None, _overrides(tiny, tmp_path / "b", f"data.unlabeled={bad}", "evolve.pseudo_label=oracle"))
         )
+
+
+def test_a_fork_reuses_warmup_and_prm_and_runs_only_the_loop(adaptive, tmp_path):
+    from typer.testing import CliRunner
+
+    from evostar.cli import app
+
+    out, summary, _ = adaptive
+    dst = tmp_path / "static_all"
+    result = CliRunner().invoke(app, ["fork", str(out), str(dst), "adapt.controller=static", "evolve.selection=all"])
+    assert result.exit_code == 0, result.output
+    forked = json.loads((dst / "summary.json").read_text())
+    assert forked["accuracy"]["warmup"] == summary["accuracy"]["warmup"]
+    assert forked["prm"]["step_auroc_val"] == summary["prm"]["step_auroc_val"]
+    assert forked["temperatures"] == [1.0, 1.0, 1.0] and not any(r["adapted"] for r in forked["iterations"])
+    for name in ("model.safetensors",):
+        assert (dst / "checkpoints" / "prm" / name).read_bytes() == (out / "checkpoints" / "prm" / name).read_bytes()
+    stages = [json.loads(line)["stage"] for line in (dst / "metrics.jsonl").read_text().splitlines()]
+    assert stages.count("warmup") == 1 and stages.count("prm_train") == 1 and "iter_3" in stages
+    refused = CliRunner().invoke(app, ["fork", str(out), str(tmp_path / "x"), "warmup.steps=3"])
+    assert refused.exit_code != 0 and "warmup.steps" in refused.output and "Traceback" not in refused.output
+    assert not (tmp_path / "x").exists()

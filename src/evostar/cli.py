@@ -1,4 +1,4 @@
-"""Command line: `evostar demo | evolve | eval | score | report | config | prm`.
+"""Command line: `evostar demo | evolve | fork | eval | score | report | config | prm`.
 
 Every command goes through one error path (`guarded`): a problem with the user's input (config,
 data, model folder, run directory, a file that cannot be written) prints one line that names the
@@ -139,6 +139,26 @@ def evolve(
     if not cfg.model.path:
         fail("model.path is empty: pass model.path=DIR or set it in the config")
     print_summary(run_experiment(cfg, resume=resume, console=console))
+
+
+@app.command()
+@guarded
+def fork(
+    src: Annotated[Path, typer.Argument(help="Run directory whose warm-up (and PRM) the fork reuses.")],
+    dst: Annotated[Path, typer.Argument(help="New run directory.")],
+    overrides: Annotated[
+        list[str] | None, typer.Argument(help="Loop settings to change, key=value (evolve.*, adapt.*, eval.*, ...).")
+    ] = None,
+) -> None:
+    """Run SRC's loop again in DST with other loop settings, reusing SRC's warm-up and PRM."""
+    from evostar.fork import fork_run
+    from evostar.pipeline import run_experiment
+    from evostar.report import write_report
+
+    cfg = fork_run(src, dst, overrides or [])
+    summary = run_experiment(cfg, resume=True, extra={"forked_from": str(src)}, console=console)
+    print_summary(summary)
+    console.print(f"report: {write_report(dst)}")
 
 
 @app.command("eval")

@@ -69,9 +69,10 @@ def plot_accuracy(summary: dict[str, Any], out: Path) -> Path:
         ("val_reward_pass_at_k", "d-.", "validation, Reward-Pass@k (PRM)"),
     ):
         points = [(r["iteration"], r[key]) for r in iterations if r.get(key) is not None]
-        if points and not (
-            key == "val_greedy_on_pass_prompts" and all(r.get("val_pass_at_k") is None for r in iterations)
-        ):
+        same_as_greedy = key == "val_greedy_on_pass_prompts" and all(
+            r.get(key) == r["val_accuracy"] for r in iterations
+        )  # Pass@K on the whole split: the line would hide under the greedy one
+        if points and not same_as_greedy:
             ax.plot([i for i, _ in points], [100 * p for _, p in points], style, label=label)
     acc = summary["accuracy"]
     last = xs[-1] if xs else 0
