@@ -10,6 +10,7 @@ iterative RFT re-creates them every iteration; ReST-EM also restarts from the in
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from contextlib import contextmanager
@@ -294,8 +295,6 @@ def unlabeled_step(
     """The next slice of the unlabeled pool: K samples per prompt, each prompt labelled by its
     samples' vote (or its true answer, `oracle`) and the samples rewarded against that label.
     Nothing (empty lists) before `evolve.unlabeled_from` or without a pool."""
-    import dataclasses
-
     cfg, ev = ctx.cfg, ctx.cfg.evolve
     if not mixes_unlabeled(unlabeled, it, ev):
         return {"all_prompts": [], "prompts": [], "responses": [], "stats": None}

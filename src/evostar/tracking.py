@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -34,18 +34,30 @@ def check_trackers(spec: str) -> None:
             )
 
 
-def scalars(record: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
-    """The numbers of a metrics record, nested keys joined by `/` (None, text and NaN dropped)."""
-    out: dict[str, float] = {}
-    for key, value in record.items():
-        name = f"{prefix}{key}"
+def _leaves(data: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """(key, value) of every non-mapping value, nested keys joined by `/`."""
+    for key, value in data.items():
         if isinstance(value, Mapping):
-            out.update(scalars(value, f"{name}/"))
-        elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-            out[name] = float(value)
-        elif isinstance(value, bool):
-            out[name] = float(value)
-    return out
+            yield from _leaves(value, f"{prefix}{key}/")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def scalars(record: Mapping[str, Any]) -> dict[str, float]:
+    """The numbers of a metrics record, nested keys joined by `/` (None, text and NaN dropped)."""
+    return {
+        name: float(value)
+        for name, value in _leaves(record)
+        if isinstance(value, (int, float)) and (isinstance(value, bool) or math.isfinite(value))
+    }
+
+
+def hyperparameters(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A nested config flattened to the value types trackers take as hyperparameters."""
+    return {
+        name: value if value is None or isinstance(value, (bool, int, float, str)) else str(value)
+        for name, value in _leaves(config)
+    }
 
 
 class Trackers:
@@ -63,7 +75,7 @@ class Trackers:
                 else cls(run_name, dir=str(Path(run_dir) / "tracking"))
             )
             tracker.start()
-            tracker.store_init_configuration({k: v for k, v in scalars_or_text(config).items()})
+            tracker.store_init_configuration(hyperparameters(config))
             self.trackers.append(tracker)
 
     def log(self, record: Mapping[str, Any], step: int) -> None:
@@ -75,17 +87,3 @@ class Trackers:
         for tracker in self.trackers:
             tracker.finish()
         self.trackers = []
-
-
-def scalars_or_text(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """A nested config flattened to the value types trackers take as hyperparameters."""
-    out: dict[str, Any] = {}
-    for key, value in config.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            out.update(scalars_or_text(value, f"{name}/"))
-        elif value is None or isinstance(value, (bool, int, float, str)):
-            out[name] = value
-        else:
-            out[name] = str(value)
-    return out
