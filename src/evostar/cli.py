@@ -161,6 +161,38 @@ def fork(
     console.print(f"report: {write_report(dst)}")
 
 
+@app.command()
+@guarded
+def ablate(
+    preset: Annotated[
+        str, typer.Option(help="quick (about a quarter hour on 2 CPU cores) or default; smoke is for tests.")
+    ] = "quick",
+    seeds: Annotated[int, typer.Option(min=1, help="Seeds 0..N-1; each has its own gym, warm-up and PRM.")] = 1,
+    out: Annotated[Path, typer.Option(help="Ablation directory (a run directory per seed and row).")] = Path(
+        "runs/ablate"
+    ),
+    rows: Annotated[str | None, typer.Option(help="Comma-separated rows to run (default: all).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue a killed ablation; finished rows are skipped.")] = (
+        False
+    ),
+    progress: Annotated[bool, typer.Option(help="Progress bars inside each row.")] = False,
+) -> None:
+    """The paper's Tables 1-3 and final recipe on the gym, over seeds, with each finding judged."""
+    from evostar.ablate import run_ablation, table_markdown
+
+    table = run_ablation(
+        preset,
+        out,
+        seeds=seeds,
+        rows=[r.strip() for r in rows.split(",") if r.strip()] if rows else None,
+        resume=resume,
+        progress=progress,
+        say=console.print,
+    )
+    print(table_markdown(table))
+    console.print(f"wrote {out / 'table.json'}, {out / 'table.md'}, {out / 'table.png'}")
+
+
 @app.command("eval")
 @guarded
 def eval_cmd(
@@ -271,10 +303,18 @@ def score_cmd(
 @app.command("report")
 @guarded
 def report_cmd(
-    run_dir: Annotated[Path, typer.Argument(help="A finished run directory (it has summary.json).")],
+    run_dir: Annotated[
+        Path, typer.Argument(help="A finished run directory (it has summary.json) or ablation (table.json).")
+    ],
     out: Annotated[Path | None, typer.Option(help="Folder for the page and plots (default: RUN_DIR/report).")] = None,
 ) -> None:
-    """Plot accuracy over training and write a markdown page that shows it."""
+    """Plot accuracy over training and write a markdown page that shows it (for an ablation
+    directory: its table as a plot and a page)."""
+    if (run_dir / "table.json").exists():
+        from evostar.ablate import write_ablation_report
+
+        console.print(f"wrote {write_ablation_report(run_dir, out)}")
+        return
     from evostar.report import write_report
 
     console.print(f"wrote {write_report(run_dir, out)}")

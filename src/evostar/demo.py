@@ -170,9 +170,10 @@ def run_demo(
     overrides: Sequence[str] = (),
     console: Any = None,
     mix: Sequence[tuple[str, float]] | None = None,
+    n_unlabeled: int = 0,
 ) -> dict[str, Any]:
-    """Build the gym (families `mix`, the preset's by default) and a tiny Qwen2-VL in `out`, then
-    run the whole recipe on them."""
+    """Build the gym (families `mix`, the preset's by default; `n_unlabeled` prompts of its
+    unlabeled split) and a tiny Qwen2-VL in `out`, then run the whole recipe on them."""
     from evostar.context import check_same_run
     from evostar.data.gym import build_gym
     from evostar.models.tiny import build_tiny_qwen2_vl
@@ -197,7 +198,13 @@ def run_demo(
         t0 = time.perf_counter()
         if console is not None:
             console.print(f"[bold]evostar demo[/] preset={preset} seed={seed} → {out}")
-        build_gym(out / "data", seed=seed, families=[tuple(f) for f in families], **PRESETS[preset]["gym"])
+        build_gym(
+            out / "data",
+            seed=seed,
+            families=[tuple(f) for f in families],
+            n_unlabeled=n_unlabeled,
+            **PRESETS[preset]["gym"],
+        )
         stage_seconds["gym"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         build_tiny_qwen2_vl(gym_texts(out / "data"), out / "model_init", seed=seed)
