@@ -161,6 +161,11 @@ def test_findings_follow_the_rule_on_a_known_table():
     one_seed = {"rows": [row("continuous_25", [60]), row("iterative_rft", [40]), row("rest_em", [40])]}
     f1a = {f["id"]: f for f in findings(one_seed)}["F1a"]
     assert f1a["reproduced"] is False and f1a["verdict"].startswith("not distinguishable")
+    one_seed["rows"].append(row("unlabeled_prm_0", [30]))
+    one_seed["rows"].append(row("unlabeled_prm_75", [30]))
+    one_seed["rows"].append(row("prm_top2", [60]))
+    f6a = {f["id"]: f for f in findings(one_seed)}["F6a"]  # 'does not beat' is not shown by one seed either
+    assert f6a["reproduced"] is False and f6a["verdict"].startswith("not distinguishable")
     d = paired({"0": 3.0, "1": 5.0}, {"0": 1.0, "1": 1.0})
     assert d.mean == 3.0 and d.n == 2 and d.counts()
 

@@ -34,10 +34,10 @@ __all__ = ["ABLATE_PRESETS", "ROWS", "RULE", "findings", "run_ablation", "table_
 RULE = (
     "A difference between two rows is the mean over seeds of the per-seed difference (rows of one seed share "
     "their gym, warm-up and PRM, so differences are paired); it counts when its magnitude exceeds twice its "
-    "standard error (sample std / sqrt(seeds)). With fewer than 2 seeds no difference counts: "
-    "'not distinguishable'. A claim that one row beats another is reproduced only when the difference counts "
+    "standard error (sample std / sqrt(seeds)). With fewer than 2 seeds no difference counts and every "
+    "finding is 'not distinguishable'. A claim that one row beats another is reproduced only when the difference counts "
     "in its direction; a claim that one does not beat another is reproduced unless the difference counts "
-    "against it. Accuracies are test-ID (and test-OOD where said), in points."
+    "against it (with 2 seeds or more). Accuracies are test-ID (and test-OOD where said), in points."
 )
 
 
@@ -692,10 +692,10 @@ def findings(table: dict[str, Any]) -> list[dict[str, Any]]:
         oks = [ok for ok, _, _ in parts]
         if any(ok is None for ok in oks):
             verdict, reproduced = "not measured (a row it needs was not run)", None
+        elif min(n for _, _, n in parts) < 2:  # even a 'does not beat' claim: one seed shows nothing
+            verdict, reproduced = "not distinguishable (fewer than 2 seeds)", False
         elif all(oks):
             verdict, reproduced = "reproduced", True
-        elif min(n for _, _, n in parts) < 2:
-            verdict, reproduced = "not distinguishable (fewer than 2 seeds)", False
         else:
             verdict, reproduced = "not reproduced", False
         out.append(
