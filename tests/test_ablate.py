@@ -131,6 +131,27 @@ def test_sigkill_mid_row_then_resume_ends_with_the_same_table(ablation, tmp_path
     assert iterations(got) == iterations(ref)
 
 
+def test_rows_side_by_side_run_one_thread_each_and_the_full_recipe_alone(tmp_path):
+    out = tmp_path / "jobs"
+    rows = "continuous_25,prm_top2,random2,sft_equal_compute"
+    proc = subprocess.run(
+        cmd(out, "--seeds", "1", "--rows", rows, "--jobs", "2"), env=ENV, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "3 loop rows in 2 processes side by side" in proc.stdout
+    for name in ("continuous_25", "prm_top2", "random2"):
+        cfg = yaml.safe_load((out / "seed0" / name / "config.yaml").read_text())
+        assert cfg["threads"] == 1 and cfg["gen"]["workers"] == 1, name
+        assert (out / "seed0" / name / "summary.json").exists()
+    # the full recipe ran alone, with the shared run's settings: its seconds are the SFT row's budget
+    shared = yaml.safe_load((out / "seed0" / "shared" / "config.yaml").read_text())
+    mstar = yaml.safe_load((out / "seed0" / "mstar" / "config.yaml").read_text())
+    assert (mstar["threads"], mstar["gen"]["workers"]) == (shared["threads"], shared["gen"]["workers"])
+    table = json.loads((out / "table.json").read_text())
+    assert [r["name"] for r in table["rows"]] == [n for n in ROW_NAMES if n in rows.split(",")]
+    assert findings(table) == table["findings"]
+
+
 def test_findings_follow_the_rule_on_a_known_table():
     def row(name: str, ids: list[float], oods: list[float] | None = None) -> dict:
         oods = oods or ids
@@ -186,6 +207,8 @@ def test_bad_input_is_refused_with_a_clear_message(ablation, tmp_path):
         run_ablation("smoke", tmp_path / "a", rows=["prm_top3"])
     with pytest.raises(ConfigError, match="--preset"):
         run_ablation("huge", tmp_path / "b")
+    with pytest.raises(ConfigError, match="--jobs"):
+        run_ablation("smoke", tmp_path / "b", jobs=0)
     with pytest.raises(RunDirError, match="--resume"):
         run_ablation("smoke", ablation, rows=["base"])
     with pytest.raises(RunDirError, match="--preset smoke"):

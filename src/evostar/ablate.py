@@ -183,13 +183,17 @@ def run_ablation(
     resume: bool = False,
     progress: bool = False,
     say: Callable[[str], None] = print,
+    jobs: int = 1,
 ) -> dict[str, Any]:
     """Run (or resume) every row on seeds 0..seeds-1 and write `table.json`, `table.md` and the
-    table's plot in `out`; returns the table."""
+    table's plot in `out`; returns the table. `jobs` > 1 runs the loop rows other than the full
+    recipe in that many single-thread processes at once (`run_side_by_side`)."""
     if preset not in ABLATE_PRESETS:
         raise ConfigError(f"--preset {preset!r}: choose one of {sorted(ABLATE_PRESETS)}")
     if seeds < 1:
         raise ConfigError(f"--seeds {seeds}: give at least 1")
+    if jobs < 1:
+        raise ConfigError(f"--jobs {jobs}: give at least 1")
     out = Path(out)
     state_path = out / "ablation.json"
     chosen = check_rows(rows)
@@ -226,6 +230,14 @@ def run_ablation(
         order = sorted(chosen, key=lambda n: (n not in (FULL_RECIPE,), ROW_NAMES.index(n)))
         if any(_BY_NAME[n].kind in ("sft", "grpo") for n in chosen) and FULL_RECIPE not in order:
             order.insert(0, FULL_RECIPE)
+        if jobs > 1:
+            # The full recipe alone on the whole machine (its seconds are the peers' budget, so
+            # they must not depend on what else runs), then the other loop rows side by side;
+            # the loop below reads them back and runs the peers alone.
+            if FULL_RECIPE in order:
+                ab.results.setdefault(FULL_RECIPE, {})[seed] = run_row(ab, _BY_NAME[FULL_RECIPE], seed, shared)
+                save_state()
+            run_side_by_side(ab, seed, shared, [n for n in order if n != FULL_RECIPE], jobs)
         for name in order:
             ab.results.setdefault(name, {})[seed] = run_row(ab, _BY_NAME[name], seed, shared)
             save_state()
@@ -287,6 +299,41 @@ def run_row(ab: Ablation, row: Row, seed: int, shared: Path) -> dict[str, Any]:
         "wall_seconds": summary["wall_seconds"],
         "loop_seconds": summary["stage_seconds"]["evolve"],
     }
+
+
+SIDE_BY_SIDE = ("threads=1", "gen.workers=1")
+"""What a row run beside others sets: one thread and no sampler processes of its own."""
+
+
+def run_side_by_side(ab: Ablation, seed: int, shared: Path, names: Sequence[str], jobs: int) -> None:
+    """The loop rows among `names` that are not finished, in `jobs` spawned processes at once,
+    each with one thread (`SIDE_BY_SIDE`). One sampler per process instead of the shared run's
+    pool changes the random draws of a row, not its recipe; a row resumed later keeps the
+    settings it started with (its fork's config)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    todo = []
+    for name in names:
+        row = _BY_NAME[name]
+        dst = ab.seed_dir(seed) / name
+        if row.kind == "loop" and alias_of(ab, row, shared) is None and not (dst / "summary.json").exists():
+            todo.append((str(shared), str(dst), row_overrides(ab.preset, row, shared / "data")))
+    if not todo:
+        return
+    ab.say(f"seed {seed}: {len(todo)} loop rows in {jobs} processes side by side")
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        running = [pool.submit(_fork_in_process, s, d, o, ab.progress) for s, d, o in todo]
+        for job in running:
+            job.result()  # a failed row stops the ablation with its error
+
+
+def _fork_in_process(shared: str, dst: str, overrides: list[str], progress: bool) -> None:
+    import os
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    ab = Ablation("", Path(dst).parent.parent, [], [], progress, say=lambda m: print(m, flush=True))
+    run_fork(ab, Path(shared), Path(dst), [*overrides, *SIDE_BY_SIDE])
 
 
 def alias_of(ab: Ablation, row: Row, shared: Path) -> str | None:
@@ -837,6 +884,7 @@ def recipe_configs(preset: str = "default", root: str = "runs/ablate/seed0/share
         data = to_dict(cfg)
         for section in ("warmup", "evolve", "prm"):  # the machine's bf16 choice, not the recipe's
             data[section]["optim"]["autocast"] = ""
+        data["gen"]["rollout_dtype"] = ""
         data["threads"] = 2
         out[row.name] = data
     return out

@@ -176,6 +176,13 @@ def ablate(
         False
     ),
     progress: Annotated[bool, typer.Option(help="Progress bars inside each row.")] = False,
+    jobs: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Loop rows run side by side, one thread each (the full recipe and the SFT and GRPO rows run alone).",
+        ),
+    ] = 1,
 ) -> None:
     """The paper's Tables 1-3 and final recipe on the gym, over seeds, with each finding judged."""
     from evostar.ablate import run_ablation, table_markdown
@@ -188,6 +195,7 @@ def ablate(
         resume=resume,
         progress=progress,
         say=console.print,
+        jobs=jobs,
     )
     print(table_markdown(table))
     console.print(f"wrote {out / 'table.json'}, {out / 'table.md'}, {out / 'table.png'}")

@@ -27,10 +27,10 @@ GYM_FAMILIES = (("arith", 0.9), ("compare", 0.05), ("bars", 0.05))
 # Shared by the presets. The warm-up runs at a constant LR and keeps its best validation
 # checkpoint (a decaying LR flattens the validation curve early only because the LR runs out);
 # its length is at the plateau of this recipe (docs/experiments.md). The loop samples K=4 at
-# T=1.0 from a bf16 copy of the policy in two single-thread processes; its peak LR is low because
-# the memorised warm-up model is fragile.
+# T=1.0 from a copy of the policy (bf16 where the CPU has bf16 matrix units) in two single-thread
+# processes; its peak LR is low because the memorised warm-up model is fragile.
 _WARMUP = {"optim": {"schedule": "constant", "weight_decay": 0.1}}
-_GEN = {"k": 4, "temperature": 1.0, "max_new_tokens": 48, "workers": 2, "rollout_dtype": "bfloat16"}
+_GEN = {"k": 4, "temperature": 1.0, "max_new_tokens": 48, "workers": 2}
 _EVOLVE_OPTIM = {"lr": 2e-4, "weight_decay": 0.0}
 # The paper's final row: PRM top-2 among the correct responses, the temperature re-chosen every
 # two iterations by Reward-Pass@2 on validation. The PRM is trained once, after warm-up, on
@@ -110,8 +110,17 @@ def demo_config(preset: str, out: Path, seed: int, overrides: list[str]) -> Conf
     data_dir = out / "data"
     base: dict[str, Any] = {}
     deep_update(base, PRESETS[preset]["config"])
-    if cpu_has_bf16():  # bf16 matrix units: SFT under bf16 autocast (weights and AdamW in float32)
-        deep_update(base, {"warmup": {"optim": {"autocast": "bf16"}}, "evolve": {"optim": {"autocast": "bf16"}}})
+    if cpu_has_bf16():
+        # bf16 matrix units: SFT under bf16 autocast (weights and AdamW in float32) and a bf16
+        # sampling copy. Without them bf16 is emulated and several times slower than float32.
+        deep_update(
+            base,
+            {
+                "warmup": {"optim": {"autocast": "bf16"}},
+                "evolve": {"optim": {"autocast": "bf16"}},
+                "gen": {"rollout_dtype": "bfloat16"},
+            },
+        )
     deep_update(
         base,
         {

@@ -34,8 +34,19 @@ SHARED_STAGES = (
     "prm_eval",
 )
 """Stages before the loop, copied by a fork."""
-FORKABLE = ("evolve.", "adapt.", "eval.", "gen.temperature", "data.unlabeled", "data.test", "progress", "threads")
-"""Keys (or key prefixes) a fork may change: read only by the loop and the final evaluation."""
+FORKABLE = (
+    "evolve.",
+    "adapt.",
+    "eval.",
+    "gen.temperature",
+    "data.unlabeled",
+    "data.test",
+    "progress",
+    "threads",
+    "gen.workers",
+)
+"""Keys (or key prefixes) a fork may change: read only by the loop and the final evaluation, or
+(threads, gen.workers) how many cores it uses, which changes the random draws, not the recipe."""
 _COPIED = ("checkpoints/warmup", "checkpoints/prm", "prm")
 
 
