@@ -138,7 +138,7 @@ def test_rows_side_by_side_run_one_thread_each_and_the_full_recipe_alone(tmp_pat
         cmd(out, "--seeds", "1", "--rows", rows, "--jobs", "2"), env=ENV, capture_output=True, text=True, timeout=600
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "3 loop rows in 2 processes side by side" in proc.stdout
+    assert "3 loop rows in 2 processes side by side" in proc.stderr  # the CLI says progress on stderr
     for name in ("continuous_25", "prm_top2", "random2"):
         cfg = yaml.safe_load((out / "seed0" / name / "config.yaml").read_text())
         assert cfg["threads"] == 1 and cfg["gen"]["workers"] == 1, name

@@ -322,10 +322,24 @@ def run_side_by_side(ab: Ablation, seed: int, shared: Path, names: Sequence[str]
     if not todo:
         return
     ab.say(f"seed {seed}: {len(todo)} loop rows in {jobs} processes side by side")
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with ProcessPoolExecutor(
+        max_workers=jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_die_with_parent
+    ) as pool:
         running = [pool.submit(_fork_in_process, s, d, o, ab.progress) for s, d, o in todo]
         for job in running:
             job.result()  # a failed row stops the ablation with its error
+
+
+def _die_with_parent() -> None:
+    """A row process ends when the ablation is killed, even by SIGKILL: an orphan would go on
+    writing the row's run directory while `--resume` runs it again (Linux; elsewhere a no-op)."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def _fork_in_process(shared: str, dst: str, overrides: list[str], progress: bool) -> None:

@@ -180,9 +180,10 @@ def ablate(
         int,
         typer.Option(
             min=1,
-            help="Loop rows run side by side, one thread each (the full recipe and the SFT and GRPO rows run alone).",
+            help="Loop rows run side by side, one thread each (the full recipe and the SFT and GRPO rows run alone); "
+            "1: one after another with every core.",
         ),
-    ] = 1,
+    ] = 2,
 ) -> None:
     """The paper's Tables 1-3 and final recipe on the gym, over seeds, with each finding judged."""
     from evostar.ablate import run_ablation, table_markdown
