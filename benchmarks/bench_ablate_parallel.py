@@ -61,7 +61,7 @@ def run_all(commands: list[list[str]], parallel: bool, logs: Path) -> float:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    from evostar.ablate import _BY_NAME, check_rows, row_overrides
+    from evostar.ablate import _BY_NAME, SIDE_BY_SIDE, check_rows, row_overrides
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shared", type=Path, required=True, help="an ablation's seedN/shared run directory")
@@ -90,8 +90,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     log(f"sequential: {len(rows)} rows one after another (the shared run's threads and workers)")
     seq_s = run_all(commands("seq", []), parallel=False, logs=work / "logs")
-    log(f"parallel: {len(rows)} processes at once, threads=1 gen.workers=1")
-    par_s = run_all(commands("par", ["threads=1", "gen.workers=1"]), parallel=True, logs=work / "logs")
+    log(f"parallel: {len(rows)} processes at once, {' '.join(SIDE_BY_SIDE)} (as `evostar ablate --jobs`)")
+    par_s = run_all(commands("par", list(SIDE_BY_SIDE)), parallel=True, logs=work / "logs")
 
     per_row = {r: {"sequential": final(work / "seq" / r), "parallel": final(work / "par" / r)} for r in rows}
     print_table(
