@@ -27,6 +27,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 ROOT = Path(__file__).resolve().parents[1]
 LOOP_ROWS = "base,warmup,continuous_25,prm_top2,prm_top4"
+# the reference run: three loop rows beside the full recipe (side by side in two processes), SFT
+FIXTURE_ROWS = f"{LOOP_ROWS},random2,sft_equal_compute"
 
 
 def cmd(out: Path, *flags: str) -> list[str]:
@@ -39,20 +41,21 @@ def ablation(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ablate") / "full"
     # the CLI, as the killed run below: in-process runs would inherit the tests' one torch thread
     proc = subprocess.run(
-        cmd(out, "--seeds", "2", "--rows", f"{LOOP_ROWS},sft_equal_compute"),
+        cmd(out, "--seeds", "2", "--rows", FIXTURE_ROWS, "--jobs", "2"),
         env=ENV,
         capture_output=True,
         text=True,
         timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    (out.parent / "stderr.txt").write_text(proc.stderr)  # the CLI says its progress on stderr
     return out
 
 
 def test_table_has_every_field_and_its_findings_recompute_from_its_rows(ablation):
     table = json.loads((ablation / "table.json").read_text())
     names = [r["name"] for r in table["rows"]]
-    assert names == [n for n in ROW_NAMES if n in {*LOOP_ROWS.split(","), "sft_equal_compute"}]
+    assert names == [n for n in ROW_NAMES if n in FIXTURE_ROWS.split(",")]
     fields = {"name", "test_id_mean", "test_id_std", "test_ood_mean", "test_ood_std", "seeds", "wall_seconds_mean"}
     for row in table["rows"]:
         assert fields | {"paper_id", "paper_ood"} <= set(row)
@@ -70,7 +73,16 @@ def test_table_has_every_field_and_its_findings_recompute_from_its_rows(ablation
     sft = next(r for r in table["rows"] if r["name"] == "sft_equal_compute")
     assert table["grids"]["sft_weight_decay"]["searched_on_seed"] == 0
     assert sft["per_seed"]["0"]["weight_decay"] == sft["per_seed"]["1"]["weight_decay"]
-    assert (ablation / "seed0" / "mstar" / "summary.json").exists()  # run for its wall-clock
+    for seed in ("0", "1"):  # as many steps as the warm-up's rate fits in the recipe's seconds (x 1/4 in smoke)
+        shared, mstar = (
+            json.loads((ablation / f"seed{seed}" / d / "summary.json").read_text()) for d in ("shared", "mstar")
+        )
+        shared_cfg = yaml.safe_load((ablation / f"seed{seed}" / "shared" / "config.yaml").read_text())
+        seconds = shared["stage_seconds"]
+        budget = 0.25 * (sum(v for k, v in seconds.items() if k.startswith("prm_")) + mstar["stage_seconds"]["evolve"])
+        assert sft["per_seed"][seed]["steps"] == max(
+            1, round(shared_cfg["warmup"]["steps"] / seconds["warmup"] * budget)
+        )
     md = (ablation / "table.md").read_text()
     assert "| prm_top2 |" in md and "45.3" in md and "Rule:" in md
     assert (ablation / "table.png").stat().st_size > 0
@@ -131,25 +143,18 @@ def test_sigkill_mid_row_then_resume_ends_with_the_same_table(ablation, tmp_path
     assert iterations(got) == iterations(ref)
 
 
-def test_rows_side_by_side_run_one_thread_each_and_the_full_recipe_alone(tmp_path):
-    out = tmp_path / "jobs"
-    rows = "continuous_25,prm_top2,random2,sft_equal_compute"
-    proc = subprocess.run(
-        cmd(out, "--seeds", "1", "--rows", rows, "--jobs", "2"), env=ENV, capture_output=True, text=True, timeout=600
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "3 loop rows in 2 processes side by side" in proc.stderr  # the CLI says progress on stderr
-    for name in ("continuous_25", "prm_top2", "random2"):
-        cfg = yaml.safe_load((out / "seed0" / name / "config.yaml").read_text())
-        assert cfg["threads"] == 1 and cfg["gen"]["workers"] == 1, name
-        assert (out / "seed0" / name / "summary.json").exists()
-    # the full recipe ran alone, with the shared run's settings: its seconds are the SFT row's budget
-    shared = yaml.safe_load((out / "seed0" / "shared" / "config.yaml").read_text())
-    mstar = yaml.safe_load((out / "seed0" / "mstar" / "config.yaml").read_text())
-    assert (mstar["threads"], mstar["gen"]["workers"]) == (shared["threads"], shared["gen"]["workers"])
-    table = json.loads((out / "table.json").read_text())
-    assert [r["name"] for r in table["rows"]] == [n for n in ROW_NAMES if n in rows.split(",")]
-    assert findings(table) == table["findings"]
+def test_rows_side_by_side_run_one_thread_each_and_the_full_recipe_alone(ablation):
+    # prm_top4 is continuous_25's run (top-4 of K=4): three loop rows to run besides mstar
+    assert (ablation.parent / "stderr.txt").read_text().count("3 loop rows in 2 processes side by side") == 2
+    for seed in (0, 1):
+        for name in ("continuous_25", "prm_top2", "random2"):
+            cfg = yaml.safe_load((ablation / f"seed{seed}" / name / "config.yaml").read_text())
+            assert cfg["threads"] == 1 and cfg["gen"]["workers"] == 1, name
+            assert (ablation / f"seed{seed}" / name / "summary.json").exists()
+        # the full recipe ran alone, with the shared run's settings: its seconds are the SFT row's budget
+        shared = yaml.safe_load((ablation / f"seed{seed}" / "shared" / "config.yaml").read_text())
+        mstar = yaml.safe_load((ablation / f"seed{seed}" / "mstar" / "config.yaml").read_text())
+        assert (mstar["threads"], mstar["gen"]["workers"]) == (shared["threads"], shared["gen"]["workers"])
 
 
 def test_findings_follow_the_rule_on_a_known_table():

@@ -111,6 +111,8 @@ ABLATE_PRESETS: dict[str, dict[str, Any]] = {
         "unlabeled": 16,
         "sft_weight_decay": (0.0, 0.1),
         "grpo_lr": (1e-4, 1e-3),
+        # the peers get a quarter of the recipe's seconds: the budget's arithmetic is what is tested
+        "peer_budget_share": 0.25,
     },
     "quick": {
         "demo": "quick",
@@ -396,11 +398,12 @@ def _say_row(ab: Ablation, name: str, tests: dict[str, float]) -> None:
 
 
 def recipe_budget(ab: Ablation, seed: int, shared: Path) -> float:
-    """Seconds the full recipe spent after the warm-up (PRM stages and loop) on this seed."""
+    """Seconds the full recipe spent after the warm-up (PRM stages and loop) on this seed: the
+    SFT and GRPO rows' budget (times the preset's `peer_budget_share`, 1 but in the smoke preset)."""
     full = ab.results.get(FULL_RECIPE, {}).get(seed) or run_row(ab, _BY_NAME[FULL_RECIPE], seed, shared)
     ab.results.setdefault(FULL_RECIPE, {})[seed] = full
     prm = sum(v for k, v in _summary(shared)["stage_seconds"].items() if k.startswith("prm_"))
-    return prm + full["loop_seconds"]
+    return (prm + full["loop_seconds"]) * ABLATE_PRESETS[ab.preset].get("peer_budget_share", 1.0)
 
 
 # ----------------------------------------------------------------------- SFT at equal compute

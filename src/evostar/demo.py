@@ -52,7 +52,10 @@ PRESETS: dict[str, dict[str, Any]] = {
                 "optim": {"batch_size": 8},
                 **_MSTAR["evolve"],
             },
-            "gen": {**_GEN, "max_new_tokens": 40},
+            # In-process sampling: a worker's start (a spawned process importing torch and
+            # transformers) would outweigh the sampling it does at this size; tests/test_pool.py
+            # runs the pool.
+            "gen": {**_GEN, "max_new_tokens": 40, "workers": 1},
             "eval": {"pass_k": 2},
             "prm": {**_PRM, "collect_prompts": 8, "max_new_tokens": 40, "steps": 4, "optim": {"batch_size": 8}},
             "adapt": {**_MSTAR["adapt"], "t_min": 0.6, "t_max": 1.2, "t_step": 0.3, "prompts": 8},

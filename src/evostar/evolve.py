@@ -219,8 +219,8 @@ def validate(
     ctx: RunContext, model: torch.nn.Module, val: list[Sample], temperature: float, it: int, prm: PRM | None = None
 ) -> dict:
     """Greedy accuracy on the validation split, and Pass@K at the configured temperature on the
-    first `eval.pass_prompts` of it with greedy accuracy on those same prompts (Pass@K can then
-    never read below it); with a PRM, Reward-Pass@k on the same K samples (a correct response
+    first `eval.pass_prompts` of it with greedy accuracy on those same prompts, so the two
+    compare (K samples at a high temperature can still all miss where greedy is right); with a PRM, Reward-Pass@k on the same K samples (a correct response
     among its top `prm.reward_pass_k`)."""
     cfg = ctx.cfg
     metrics, greedy = evaluate(model, ctx.io, val, cfg.gen, desc=f"iter {it} val", progress=cfg.progress)
