@@ -18,7 +18,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from evostar.ablate import ROW_NAMES, findings, paired, recipe_configs, run_ablation, write_ablation_report
+from evostar.ablate import (
+    ABLATE_PRESETS,
+    ROW_NAMES,
+    findings,
+    paired,
+    recipe_configs,
+    run_ablation,
+    write_ablation_report,
+)
 from evostar.config import ConfigError, flatten, load_config, to_dict
 from evostar.errors import RunDirError
 
@@ -73,13 +81,14 @@ def test_table_has_every_field_and_its_findings_recompute_from_its_rows(ablation
     sft = next(r for r in table["rows"] if r["name"] == "sft_equal_compute")
     assert table["grids"]["sft_weight_decay"]["searched_on_seed"] == 0
     assert sft["per_seed"]["0"]["weight_decay"] == sft["per_seed"]["1"]["weight_decay"]
-    for seed in ("0", "1"):  # as many steps as the warm-up's rate fits in the recipe's seconds (x 1/4 in smoke)
+    share = ABLATE_PRESETS["smoke"]["peer_budget_share"]
+    for seed in ("0", "1"):  # as many steps as the warm-up's rate fits in the recipe's seconds, times the share
         shared, mstar = (
             json.loads((ablation / f"seed{seed}" / d / "summary.json").read_text()) for d in ("shared", "mstar")
         )
         shared_cfg = yaml.safe_load((ablation / f"seed{seed}" / "shared" / "config.yaml").read_text())
         seconds = shared["stage_seconds"]
-        budget = 0.25 * (sum(v for k, v in seconds.items() if k.startswith("prm_")) + mstar["stage_seconds"]["evolve"])
+        budget = share * (sum(v for k, v in seconds.items() if k.startswith("prm_")) + mstar["stage_seconds"]["evolve"])
         assert sft["per_seed"][seed]["steps"] == max(
             1, round(shared_cfg["warmup"]["steps"] / seconds["warmup"] * budget)
         )

@@ -220,8 +220,9 @@ def validate(
 ) -> dict:
     """Greedy accuracy on the validation split, and Pass@K at the configured temperature on the
     first `eval.pass_prompts` of it with greedy accuracy on those same prompts, so the two
-    compare (K samples at a high temperature can still all miss where greedy is right); with a PRM, Reward-Pass@k on the same K samples (a correct response
-    among its top `prm.reward_pass_k`)."""
+    compare (K samples at a high temperature can still all miss where greedy is right); with a
+    PRM, Reward-Pass@k on the same K samples (a correct response among its top
+    `prm.reward_pass_k`)."""
     cfg = ctx.cfg
     metrics, greedy = evaluate(model, ctx.io, val, cfg.gen, desc=f"iter {it} val", progress=cfg.progress)
     out: dict = {"val_accuracy": metrics["accuracy"], "val_pass_at_k": None}
