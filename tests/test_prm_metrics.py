@@ -7,10 +7,12 @@ import numpy as np
 import pytest
 
 from evostar.records import Response
+from evostar.reward.prm.labels import StepLabels
 from evostar.reward.prm.metrics import (
     auroc,
     first_error,
     first_error_f1,
+    label_quality,
     reward_pass_at_k,
     selection_accuracy,
     step_auroc,
@@ -128,3 +130,28 @@ def test_baselines_every_step_right_and_best_threshold():
     assert 0.3 < got["policy_logprob"]["threshold"] <= 0.6
     assert got["policy_logprob"]["step_auroc"] == 1.0
     assert best_threshold_f1([r([True, False], [0.5, 0.5])])["f1"] is None  # no all-correct group
+
+
+def _labels(hard: list[bool], soft: list[float], correct: bool) -> StepLabels:
+    return StepLabels("s", "", hard, soft, [True] * len(hard), None, 8, correct)
+
+
+def test_label_quality_against_hand_made_truth():
+    labels = [
+        # a wrong response: its first step is right, but every completion from it failed
+        _labels([False, False, False], [0.0, 0.0, 0.0], correct=False),
+        # a right answer through a wrong second step, which the completions forgave
+        _labels([True, True, True], [0.5, 0.25, 1.0], correct=True),
+        _labels([True, True], [1.0, 0.75], correct=True),
+    ]
+    truth = [[True, False, False], [True, False, True], None]  # the last response: truth unknown
+    q = label_quality(labels, truth)
+    assert q["steps"] == 6 and q["right_share"] == 0.5
+    # hard labels: right steps positive 2 of 3, wrong steps positive 1 of 3
+    assert q["positive_if_right"] == pytest.approx(2 / 3) and q["positive_if_wrong"] == pytest.approx(1 / 3)
+    assert q["hard_auroc"] == auroc([0, 0, 0, 1, 1, 1], [True, False, False, True, False, True])
+    assert q["soft_auroc"] == auroc([0.0, 0.0, 0.0, 0.5, 0.25, 1.0], [True, False, False, True, False, True])
+    assert q["wrong_steps_of_correct_responses"] == 1 and q["positive_if_wrong_in_correct"] == 1.0
+    assert label_quality(labels, [None, None, None]) is None
+    with pytest.raises(ValueError, match="2 labels for 3 steps"):
+        label_quality(labels[2:], [[True, True, False]])

@@ -179,6 +179,8 @@ def test_prm_stages_run_after_warmup_and_are_recorded(prm_run):
         assert key in prm and (prm[key] is None or 0.0 <= prm[key] <= 1.0)
     assert "invalid_rate_random2" in prm and prm["step_truth"] == "known" and prm["correct_with_truth"] > 0
     assert prm["completions"] > 0 and prm["labels_per_second"] > 0 and prm["train_steps"] == 2
+    truth = prm["labels_against_truth"]  # the Monte-Carlo labels themselves against the gym's checker
+    assert truth["steps"] == prm["step_labels"] and 0.0 <= truth["positive_if_right"] <= 1.0
 
 
 def test_the_loop_ranks_by_the_prm_and_logs_reward_pass_at_2(prm_run):

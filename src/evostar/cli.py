@@ -456,7 +456,7 @@ def prm_label(
     from evostar.config import PRMConfig
     from evostar.errors import UserError
     from evostar.models.hub import load_model
-    from evostar.prm_stages import read_responses
+    from evostar.prm_stages import labels_against_truth, read_responses
     from evostar.reward.prm import hf_completer, label_responses
     from evostar.reward.prm.labels import read_manifest
     from evostar.rundir import dumps
@@ -508,6 +508,7 @@ def prm_label(
         "step_labels": step_labels,
         "first_error_share": sum(lab.first_error is not None for lab in labels) / len(labels) if labels else None,
         "completions": sum(int(v) for v in spent.values()),
+        "against_truth": labels_against_truth(labels, samples),
         "seconds": seconds,
         "out": str(out),
     }

@@ -40,6 +40,7 @@ from evostar.reward.prm import (
     first_error_f1,
     hf_completer,
     init_prm,
+    label_quality,
     label_responses,
     load_prm,
     read_labels,
@@ -64,6 +65,7 @@ __all__ = [
     "eval_stage",
     "judge_baselines",
     "label_stage",
+    "labels_against_truth",
     "plot_selection",
     "process_measures",
     "prm_summary",
@@ -153,6 +155,17 @@ def train_prm(
     info = trainer.train(examples, cfg.steps, seed=seed, progress=progress)
     positive = float(np.mean(targets)) if targets else None
     return prm, {**info, "examples": len(examples), "targets": len(targets), "positive_share": positive}
+
+
+def labels_against_truth(labels: Sequence[StepLabels], samples: Sequence[Sample]) -> dict[str, Any] | None:
+    """`label_quality` of `labels` against the gym's step truth (None for data without it)."""
+    from evostar.data.gym import check_steps
+
+    by_id = {s.id: s for s in samples}
+    truth = [
+        check_steps(by_id[lab.sample_id], lab.text) if "gym" in by_id[lab.sample_id].meta else None for lab in labels
+    ]
+    return label_quality(labels, truth)
 
 
 def _invalid_rate(kept: Sequence[Response]) -> float | None:
@@ -303,6 +316,7 @@ def label_stage(
         "completions": sum(int(v) for v in spent.values()),
         # this process's labels over its seconds (a resumed stage counts only what it labelled)
         "labels_per_second": sum(len(lab.hard) for lab in fresh) / seconds if fresh and seconds > 0 else None,
+        "against_truth": labels_against_truth(labels, train),
         "seconds": seconds,
     }
     run.log("prm_label", **res)
@@ -371,6 +385,7 @@ def prm_summary(run: RunDir) -> tuple[dict[str, float], dict[str, Any]]:
         "completions": label.get("completions"),
         "labels_per_second": label.get("labels_per_second"),
         "step_labels": label.get("step_labels"),
+        "labels_against_truth": label.get("against_truth"),
         "train_loss": train.get("loss"),
         "train_steps": train.get("steps"),
         "collected": (run.result("prm_collect") or {}).get("responses"),

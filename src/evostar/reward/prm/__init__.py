@@ -3,7 +3,14 @@ step tags (`model`), its training (`train`), scoring responses (`score`) and its
 (`metrics`)."""
 
 from evostar.reward.prm.labels import CompleteFn, StepLabels, hf_completer, label_responses, read_labels
-from evostar.reward.prm.metrics import auroc, first_error_f1, reward_pass_at_k, selection_accuracy, step_auroc
+from evostar.reward.prm.metrics import (
+    auroc,
+    first_error_f1,
+    label_quality,
+    reward_pass_at_k,
+    selection_accuracy,
+    step_auroc,
+)
 from evostar.reward.prm.model import PRM, PRMTokens, init_prm, load_prm
 from evostar.reward.prm.score import aggregate_scores, score_responses
 from evostar.reward.prm.train import PRMExample, PRMTrainer, examples_from_labels
@@ -21,6 +28,7 @@ __all__ = [
     "first_error_f1",
     "hf_completer",
     "init_prm",
+    "label_quality",
     "label_responses",
     "load_prm",
     "read_labels",

@@ -8,19 +8,33 @@
 - `reward_pass_at_k`: a correct response among the PRM's top-k of a prompt's K samples.
 - `selection_accuracy`: best-of-N by score, majority vote and score-weighted vote, for N in
   1, 2, 4, 8, 16.
+- `label_quality`: the Monte-Carlo labels themselves against step truth. A PRM learns its
+  labels, so their agreement with the truth is what it can reach at best.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from evostar.dynamics import reward_pass_at_k
 from evostar.records import Response, group_by_sample
+
+if TYPE_CHECKING:
+    from evostar.reward.prm.labels import StepLabels
 from evostar.reward.answer import extract_answer
 
-__all__ = ["auroc", "first_error", "first_error_f1", "reward_pass_at_k", "selection_accuracy", "step_auroc"]
+__all__ = [
+    "auroc",
+    "first_error",
+    "first_error_f1",
+    "label_quality",
+    "reward_pass_at_k",
+    "selection_accuracy",
+    "step_auroc",
+]
 
 
 def auroc(scores: Sequence[float], labels: Sequence[bool]) -> float | None:
@@ -155,3 +169,48 @@ def selection_accuracy(
         for name, values in per_prompt.items():
             out[name][k] = float(np.mean(values))
     return out
+
+
+def label_quality(labels: Sequence[StepLabels], truth: Sequence[Sequence[bool] | None]) -> dict[str, Any] | None:
+    """Monte-Carlo step labels against step truth (`truth[i]`: one bool per step of `labels[i]`,
+    None where it is unknown); None when no response has truth.
+
+    Monte-Carlo labels measure whether the completer can still finish from a prefix, not whether
+    the step is right: a right step is labelled negative when every completion then fails, and
+    a wrong step positive when one reaches the answer anyway. Reported over all labelled steps:
+    the AUROC of the hard and soft labels against the truth, and the share labelled positive
+    among right and among wrong steps; and the same share for the wrong steps of responses whose
+    final answer is right, the ones PRM top-k selection must rank below their siblings.
+    """
+    if len(labels) != len(truth):
+        raise ValueError(f"label_quality: {len(truth)} truths for {len(labels)} labelled responses")
+    hard: list[bool] = []
+    soft: list[float] = []
+    right: list[bool] = []
+    in_correct: list[bool] = []
+    for k, (lab, ok) in enumerate(zip(labels, truth, strict=True)):
+        if ok is None:
+            continue
+        if len(ok) != len(lab.hard):
+            raise ValueError(f"label_quality: response {k} has {len(lab.hard)} labels for {len(ok)} steps of truth")
+        hard += lab.hard
+        soft += lab.soft
+        right += list(ok)
+        in_correct += [lab.correct] * len(ok)
+    if not right:
+        return None
+    h, y, c = np.asarray(hard, dtype=bool), np.asarray(right, dtype=bool), np.asarray(in_correct, dtype=bool)
+
+    def share(mask: np.ndarray) -> float | None:
+        return float(h[mask].mean()) if mask.any() else None
+
+    return {
+        "steps": int(y.size),
+        "right_share": float(y.mean()),
+        "hard_auroc": auroc(h.astype(float).tolist(), right),
+        "soft_auroc": auroc(soft, right),
+        "positive_if_right": share(y),
+        "positive_if_wrong": share(~y),
+        "wrong_steps_of_correct_responses": int((~y & c).sum()),
+        "positive_if_wrong_in_correct": share(~y & c),
+    }
