@@ -154,7 +154,15 @@ def test_sigkill_mid_row_then_resume_ends_with_the_same_table(ablation, tmp_path
 
 def test_rows_side_by_side_run_one_thread_each_and_the_full_recipe_alone(ablation):
     # prm_top4 is continuous_25's run (top-4 of K=4): three loop rows to run besides mstar
-    assert (ablation.parent / "stderr.txt").read_text().count("3 loop rows in 2 processes side by side") == 2
+    said = (ablation.parent / "stderr.txt").read_text()
+    # the SFT runs (a step budget) beside them: both weight decays of the grid on seed 0, the chosen one on seed 1
+    assert said.count("seed 0: 3 loop rows and 2 SFT runs in 2 processes side by side") == 1
+    assert said.count("seed 1: 3 loop rows and 1 SFT runs in 2 processes side by side") == 1
+    chosen = json.loads((ablation / "table.json").read_text())["grids"]["sft_weight_decay"]["chosen"]
+    for seed, decays in ((0, (0.0, 0.1)), (1, (chosen,))):
+        for wd in decays:
+            sft = yaml.safe_load((ablation / f"seed{seed}" / f"sft_wd{wd:g}" / "config.yaml").read_text())
+            assert sft["threads"] == 1 and sft["warmup"]["optim"]["weight_decay"] == wd
     for seed in (0, 1):
         for name in ("continuous_25", "prm_top2", "random2"):
             cfg = yaml.safe_load((ablation / f"seed{seed}" / name / "config.yaml").read_text())

@@ -22,6 +22,7 @@ CHOICE_KEYS = {
     "prm.strategy",
     "prm.label",
     "prm.aggregate",
+    "prm.score_autocast",
     "prm.optim.schedule",
     "prm.optim.autocast",
     "evolve.pseudo_label",

@@ -287,6 +287,22 @@ def test_score_responses_fills_steps_answer_and_aggregate(tiny, seed):
         score_responses(prm, seed, [Response(sample_id="nope", text="x")])
 
 
+def test_bf16_autocast_scoring_stays_close_to_float32(tiny, seed):
+    prm = init_prm(tiny / "model")
+    texts = [seed[0].target, misread(seed[1]), seed[2].target]
+    full = [Response(sample_id=s.id, text=t) for s, t in zip(seed, texts, strict=False)]
+    mixed = [Response(sample_id=s.id, text=t) for s, t in zip(seed, texts, strict=False)]
+    score_responses(prm, seed, full)
+    score_responses(prm, seed, mixed, autocast="bf16")
+    flat = [x for r in full for x in r.step_scores]
+    flat_mixed = [x for r in mixed for x in r.step_scores]
+    assert flat_mixed != flat  # the forward ran in bf16 ...
+    assert flat_mixed == pytest.approx(flat, abs=0.02)  # ... and moved the scores by its rounding only
+    assert all(p.dtype == torch.float32 for p in prm.model.parameters())
+    with pytest.raises(UserError, match="autocast='fp16'"):
+        score_responses(prm, seed, mixed, autocast="fp16")
+
+
 def test_policy_step_scores_are_the_geometric_mean_token_probability_of_each_step(seed, policy):
     from evostar.reward.prm.baselines import policy_step_scores
 

@@ -234,8 +234,9 @@ def run_ablation(
             order.insert(0, FULL_RECIPE)
         if jobs > 1:
             # The full recipe alone on the whole machine (its seconds are the peers' budget, so
-            # they must not depend on what else runs), then the other loop rows side by side;
-            # the loop below reads them back and runs the peers alone.
+            # they must not depend on what else runs), then the other loop rows and the SFT runs
+            # (a step count from that budget) side by side; the loop below reads them back and
+            # runs GRPO, whose budget is wall-clock, alone.
             if FULL_RECIPE in order:
                 ab.results.setdefault(FULL_RECIPE, {})[seed] = run_row(ab, _BY_NAME[FULL_RECIPE], seed, shared)
                 save_state()
@@ -308,10 +309,11 @@ SIDE_BY_SIDE = ("threads=1", "gen.workers=1")
 
 
 def run_side_by_side(ab: Ablation, seed: int, shared: Path, names: Sequence[str], jobs: int) -> None:
-    """The loop rows among `names` that are not finished, in `jobs` spawned processes at once,
-    each with one thread (`SIDE_BY_SIDE`). One sampler per process instead of the shared run's
-    pool changes the random draws of a row, not its recipe; a row resumed later keeps the
-    settings it started with (its fork's config)."""
+    """The loop rows among `names` that are not finished, and the SFT runs of the SFT row when
+    it is among them, in `jobs` spawned processes at once, each with one thread (`SIDE_BY_SIDE`).
+    One sampler per process instead of the shared run's pool changes the random draws of a row,
+    not its recipe; a row resumed later keeps the settings it started with (its fork's config).
+    The SFT runs train the step count of their budget whatever else runs."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
@@ -320,14 +322,18 @@ def run_side_by_side(ab: Ablation, seed: int, shared: Path, names: Sequence[str]
         row = _BY_NAME[name]
         dst = ab.seed_dir(seed) / name
         if row.kind == "loop" and alias_of(ab, row, shared) is None and not (dst / "summary.json").exists():
-            todo.append((str(shared), str(dst), row_overrides(ab.preset, row, shared / "data")))
+            todo.append((_fork_in_process, str(shared), str(dst), row_overrides(ab.preset, row, shared / "data")))
+    runs = len(todo)
+    if "sft_equal_compute" in names:  # a step budget, not a wall-clock one: it can share the cores
+        todo += [(_sft_in_process, str(shared), str(dst), extra) for dst, extra in pending_sft(ab, seed, shared)]
     if not todo:
         return
-    ab.say(f"seed {seed}: {len(todo)} loop rows in {jobs} processes side by side")
+    sft = f" and {len(todo) - runs} SFT runs" if len(todo) > runs else ""
+    ab.say(f"seed {seed}: {runs} loop rows{sft} in {jobs} processes side by side")
     with ProcessPoolExecutor(
         max_workers=jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_die_with_parent
     ) as pool:
-        running = [pool.submit(_fork_in_process, s, d, o, ab.progress) for s, d, o in todo]
+        running = [pool.submit(fn, s, d, o, ab.progress) for fn, s, d, o in todo]
         for job in running:
             job.result()  # a failed row stops the ablation with its error
 
@@ -350,6 +356,16 @@ def _fork_in_process(shared: str, dst: str, overrides: list[str], progress: bool
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     ab = Ablation("", Path(dst).parent.parent, [], [], progress, say=lambda m: print(m, flush=True))
     run_fork(ab, Path(shared), Path(dst), [*overrides, *SIDE_BY_SIDE])
+
+
+def _sft_in_process(shared: str, dst: str, sft: list, progress: bool) -> None:
+    import os
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    ab = Ablation("", Path(dst).parent.parent, [], [], progress, say=lambda m: print(m, flush=True))
+    steps, weight_decay = sft
+    # threads only: an SFT run never samples, and a resume with --jobs 1 then keeps its config
+    run_sft(ab, int(_seed_of(Path(dst))), Path(shared), steps, weight_decay, Path(dst).name, ["threads=1"])
 
 
 def alias_of(ab: Ablation, row: Row, shared: Path) -> str | None:
@@ -415,6 +431,19 @@ def sft_steps(shared: Path, budget_seconds: float) -> int:
     return max(1, round(rate * budget_seconds))
 
 
+def pending_sft(ab: Ablation, seed: int, shared: Path) -> list[tuple[Path, list]]:
+    """The SFT runs `run_sft_row` would start on this seed, as (run directory, [steps, weight
+    decay]): every weight decay of the grid on the first seed, the chosen one on the others."""
+    steps = sft_steps(shared, recipe_budget(ab, seed, shared))
+    if seed == ab.seeds[0]:
+        decays = list(ABLATE_PRESETS[ab.preset]["sft_weight_decay"])
+    else:
+        first = ab.seeds[0]
+        decays = [_chosen(ab, "sft_weight_decay", lambda: run_sft_row(ab, first, ab.seed_dir(first) / "shared"))]
+    runs = [(ab.seed_dir(seed) / f"sft_wd{wd:g}", [steps, wd]) for wd in decays]
+    return [(dst, sft) for dst, sft in runs if not (dst / "summary.json").exists()]
+
+
 def run_sft_row(ab: Ablation, seed: int, shared: Path) -> dict[str, Any]:
     """SFT on the seed chains of thought alone, from the warm-up checkpoint, for the full
     recipe's post-warm-up wall-clock; the weight decay of the grid with the best validation
@@ -443,7 +472,12 @@ def _chosen(ab: Ablation, grid: str, search: Callable[[], Any]) -> Any:
     return ab.grids[grid]["chosen"]
 
 
-def run_sft(ab: Ablation, seed: int, shared: Path, steps: int, weight_decay: float, name: str) -> dict[str, Any]:
+def run_sft(
+    ab: Ablation, seed: int, shared: Path, steps: int, weight_decay: float, name: str, overrides: Sequence[str] = ()
+) -> dict[str, Any]:
+    """`steps` of SFT on the seed chains of thought from the warm-up checkpoint, in
+    `seed{seed}/{name}` (`overrides` on top: the side-by-side thread count, which a resume may
+    change); a finished run is read, a killed one resumed."""
     from evostar.pipeline import run_experiment
 
     dst = ab.seed_dir(seed) / name
@@ -459,6 +493,7 @@ def run_sft(ab: Ablation, seed: int, shared: Path, steps: int, weight_decay: flo
                 "evolve.iterations=0",
                 "prm.enabled=false",
                 f"progress={str(ab.progress).lower()}",
+                *overrides,
             ],
         )
         run_experiment(cfg, resume=dst.exists())
@@ -901,6 +936,7 @@ def recipe_configs(preset: str = "default", root: str = "runs/ablate/seed0/share
         data = to_dict(cfg)
         for section in ("warmup", "evolve", "prm"):  # the machine's bf16 choice, not the recipe's
             data[section]["optim"]["autocast"] = ""
+        data["prm"]["score_autocast"] = ""
         data["gen"]["rollout_dtype"] = ""
         data["threads"] = 2
         out[row.name] = data

@@ -585,6 +585,7 @@ def prm_eval(
     aggregate: Annotated[str, typer.Option(help="Response score from step scores: min, mean, last or product.")] = (
         "min"
     ),
+    autocast: Annotated[str, typer.Option(help="Score under bf16 autocast: '' (off) or bf16.")] = "",
     max_prompts: _MaxPrompts = 0,
     max_new_tokens: _NewTokens = 64,
     batch_size: _Batch = 512,
@@ -609,7 +610,7 @@ def prm_eval(
     from evostar.rundir import atomic_write_json, check_writable, dumps, write_jsonl
 
     _check_temperature(temperature)
-    cfg = PRMConfig(aggregate=aggregate)
+    cfg = PRMConfig(aggregate=aggregate, score_autocast=autocast)
     for path in (out, plot, responses):
         if path is not None:
             check_writable(path)  # before the compute that fills it

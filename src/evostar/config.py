@@ -457,7 +457,13 @@ class PRMConfig(_Checked):
     train_answer: bool = _f(True, "Also train the tag after the answer block, on the final answer's correctness.")
     aggregate: PRMAggregate = _f("min", "Response score from its step scores: min, mean, last or product.")
     score_answer: bool = _f(True, "Count the answer block's score in the response score.")
-    score_batch_size: int = _f(16, "Responses per PRM forward pass when scoring.", ge=1)
+    score_batch_size: int = _f(32, "Responses per PRM forward pass when scoring.", ge=1)
+    score_autocast: Autocast = _f(
+        "",
+        "Mixed precision of PRM scoring: '' (off) or bf16 (the forward pass under bf16 autocast, weights "
+        "unchanged; scores move by bf16 rounding).",
+        allowed="'' or bf16",
+    )
     optim: OptimConfig = _section(
         OptimConfig, "PRM optimizer.", lambda: OptimConfig(lr=2e-4, batch_size=16, schedule="cosine")
     )

@@ -114,14 +114,16 @@ def demo_config(preset: str, out: Path, seed: int, overrides: list[str]) -> Conf
     base: dict[str, Any] = {}
     deep_update(base, PRESETS[preset]["config"])
     if cpu_has_bf16():
-        # bf16 matrix units: SFT under bf16 autocast (weights and AdamW in float32) and a bf16
-        # sampling copy. Without them bf16 is emulated and several times slower than float32.
+        # bf16 matrix units: SFT and PRM training and scoring under bf16 autocast (weights and
+        # AdamW in float32) and a bf16 sampling copy. Without them bf16 is emulated and several
+        # times slower than float32.
         deep_update(
             base,
             {
                 "warmup": {"optim": {"autocast": "bf16"}},
                 "evolve": {"optim": {"autocast": "bf16"}},
                 "gen": {"rollout_dtype": "bfloat16"},
+                "prm": {"optim": {"autocast": "bf16"}, "score_autocast": "bf16"},
             },
         )
     deep_update(

@@ -120,6 +120,7 @@ def score_with(
         aggregate=cfg.aggregate,
         include_answer=cfg.score_answer,
         batch_size=cfg.score_batch_size,
+        autocast=cfg.score_autocast,
         progress=progress,
     )
 

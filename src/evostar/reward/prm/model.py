@@ -128,23 +128,32 @@ class PRM:
     def response_ids(self, text: str) -> tuple[list[int], list[int], int]:
         """Token ids of a tagged response, the offsets of its tags, and how many are steps (the
         answer block's tag, when there is one, is the last)."""
-        steps, answer = response_segments(text)
-        segments = steps + ([answer] if answer is not None else [])
-        ids: list[int] = []
-        tags: list[int] = []
-        for k, segment in enumerate(segments):
-            if k:
-                ids += self._sep_ids
-            ids += self.io.tokenizer(segment, add_special_tokens=False)["input_ids"]
-            tags.append(len(ids))
-            ids.append(self.tokens.tag_id)
-        return ids, tags, len(steps)
+        return self.responses_ids([text])[0]
+
+    def responses_ids(self, texts: Sequence[str]) -> list[tuple[list[int], list[int], int]]:
+        """`response_ids` of each text, with every segment of every text in one tokenizer call."""
+        split = [response_segments(t) for t in texts]
+        segments = [steps + ([answer] if answer is not None else []) for steps, answer in split]
+        flat = [seg for segs in segments for seg in segs]
+        encoded = iter(self.io.tokenizer(flat, add_special_tokens=False)["input_ids"] if flat else [])
+        out = []
+        for (steps, _), segs in zip(split, segments, strict=True):
+            ids: list[int] = []
+            tags: list[int] = []
+            for k in range(len(segs)):
+                if k:
+                    ids += self._sep_ids
+                ids += next(encoded)
+                tags.append(len(ids))
+                ids.append(self.tokens.tag_id)
+            out.append((ids, tags, len(steps)))
+        return out
 
     def encode(
         self, samples: Sequence[Sample], texts: Sequence[str]
     ) -> tuple[dict[str, torch.Tensor], list[list[int]], list[int]]:
         """Right-padded batch, the absolute tag positions of each row, and its number of steps."""
-        rendered = [self.response_ids(t) for t in texts]
+        rendered = self.responses_ids(texts)
         batch = self.io.collate_ids(samples, [ids for ids, _, _ in rendered], left=False)
         positions = []
         for sample, (_, tags, _) in zip(samples, rendered, strict=True):
