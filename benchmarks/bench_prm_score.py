@@ -4,8 +4,9 @@ Scores a finished PRM run's val responses (RUN/prm/val_responses.jsonl, the run'
 RUN/checkpoints/prm) with `score_responses` in several settings, one after another within each
 repeat, after one untimed pass that fills the prompt-encoding cache (so the timings compare the
 forward passes, not the image processor). Like the CLI, it keeps freed memory in the heap
-(`evostar.launch.keep_freed_memory`), so the timings are what a run sees. It prints JSON: responses/s per setting (median of the
-repeats), the ratios against float32 at batch 16, and how far bf16 autocast moves the scores
+(`evostar.launch.keep_freed_memory`), so the timings are what a run sees. It prints JSON:
+responses/s per setting (median of the repeats), the ratios against float32 at batch 16, and
+how far bf16 autocast moves the scores
 from float32: the largest and the mean change of a step score, step AUROC and first-error F1
 against the gym's truth in both precisions, and how many PRM top-2 picks among correct responses
 stay the same.

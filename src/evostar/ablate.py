@@ -322,10 +322,12 @@ def run_side_by_side(ab: Ablation, seed: int, shared: Path, names: Sequence[str]
         row = _BY_NAME[name]
         dst = ab.seed_dir(seed) / name
         if row.kind == "loop" and alias_of(ab, row, shared) is None and not (dst / "summary.json").exists():
-            todo.append((_fork_in_process, str(shared), str(dst), row_overrides(ab.preset, row, shared / "data")))
+            todo.append((_fork_in_process, (str(shared), str(dst), row_overrides(ab.preset, row, shared / "data"))))
     runs = len(todo)
     if "sft_equal_compute" in names:  # a step budget, not a wall-clock one: it can share the cores
-        todo += [(_sft_in_process, str(shared), str(dst), extra) for dst, extra in pending_sft(ab, seed, shared)]
+        todo += [
+            (_sft_in_process, (str(shared), str(dst), steps, wd)) for dst, steps, wd in pending_sft(ab, seed, shared)
+        ]
     if not todo:
         return
     sft = f" and {len(todo) - runs} SFT runs" if len(todo) > runs else ""
@@ -333,7 +335,7 @@ def run_side_by_side(ab: Ablation, seed: int, shared: Path, names: Sequence[str]
     with ProcessPoolExecutor(
         max_workers=jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_die_with_parent
     ) as pool:
-        running = [pool.submit(fn, s, d, o, ab.progress) for fn, s, d, o in todo]
+        running = [pool.submit(fn, *args, ab.progress) for fn, args in todo]
         for job in running:
             job.result()  # a failed row stops the ablation with its error
 
@@ -358,12 +360,11 @@ def _fork_in_process(shared: str, dst: str, overrides: list[str], progress: bool
     run_fork(ab, Path(shared), Path(dst), [*overrides, *SIDE_BY_SIDE])
 
 
-def _sft_in_process(shared: str, dst: str, sft: list, progress: bool) -> None:
+def _sft_in_process(shared: str, dst: str, steps: int, weight_decay: float, progress: bool) -> None:
     import os
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     ab = Ablation("", Path(dst).parent.parent, [], [], progress, say=lambda m: print(m, flush=True))
-    steps, weight_decay = sft
     # threads only: an SFT run never samples, and a resume with --jobs 1 then keeps its config
     run_sft(ab, int(_seed_of(Path(dst))), Path(shared), steps, weight_decay, Path(dst).name, ["threads=1"])
 
@@ -431,17 +432,22 @@ def sft_steps(shared: Path, budget_seconds: float) -> int:
     return max(1, round(rate * budget_seconds))
 
 
-def pending_sft(ab: Ablation, seed: int, shared: Path) -> list[tuple[Path, list]]:
-    """The SFT runs `run_sft_row` would start on this seed, as (run directory, [steps, weight
-    decay]): every weight decay of the grid on the first seed, the chosen one on the others."""
+def sft_decays(ab: Ablation, seed: int) -> list[float]:
+    """The weight decays the SFT row trains on this seed: the whole grid on the first seed, the
+    one chosen there on the others."""
+    grid = ABLATE_PRESETS[ab.preset]["sft_weight_decay"]
+    first = ab.seeds[0]
+    if seed == first:
+        return list(grid)
+    return [_chosen(ab, "sft_weight_decay", lambda: run_sft_row(ab, first, ab.seed_dir(first) / "shared"))]
+
+
+def pending_sft(ab: Ablation, seed: int, shared: Path) -> list[tuple[Path, int, float]]:
+    """The SFT runs `run_sft_row` would start on this seed and that are not finished, as (run
+    directory, steps, weight decay)."""
     steps = sft_steps(shared, recipe_budget(ab, seed, shared))
-    if seed == ab.seeds[0]:
-        decays = list(ABLATE_PRESETS[ab.preset]["sft_weight_decay"])
-    else:
-        first = ab.seeds[0]
-        decays = [_chosen(ab, "sft_weight_decay", lambda: run_sft_row(ab, first, ab.seed_dir(first) / "shared"))]
-    runs = [(ab.seed_dir(seed) / f"sft_wd{wd:g}", [steps, wd]) for wd in decays]
-    return [(dst, sft) for dst, sft in runs if not (dst / "summary.json").exists()]
+    runs = [(ab.seed_dir(seed) / f"sft_wd{wd:g}", steps, wd) for wd in sft_decays(ab, seed)]
+    return [run for run in runs if not (run[0] / "summary.json").exists()]
 
 
 def run_sft_row(ab: Ablation, seed: int, shared: Path) -> dict[str, Any]:
@@ -449,21 +455,18 @@ def run_sft_row(ab: Ablation, seed: int, shared: Path) -> dict[str, Any]:
     recipe's post-warm-up wall-clock; the weight decay of the grid with the best validation
     accuracy on the first seed, used for every seed."""
     steps = sft_steps(shared, recipe_budget(ab, seed, shared))
-    grid = ABLATE_PRESETS[ab.preset]["sft_weight_decay"]
-    first = ab.seeds[0]
-    if seed == first:
-        found = {wd: run_sft(ab, seed, shared, steps, wd, f"sft_wd{wd:g}") for wd in grid}
-        best = max(grid, key=lambda wd: (found[wd]["val_accuracy"], -grid.index(wd)))
+    decays = sft_decays(ab, seed)
+    found = {wd: run_sft(ab, seed, shared, steps, wd, f"sft_wd{wd:g}") for wd in decays}
+    if seed == ab.seeds[0]:
+        best = max(decays, key=lambda wd: (found[wd]["val_accuracy"], -decays.index(wd)))
         ab.grids["sft_weight_decay"] = {
-            "searched_on_seed": first,
-            "val_accuracy": {f"{wd:g}": 100 * found[wd]["val_accuracy"] for wd in grid},
+            "searched_on_seed": seed,
+            "val_accuracy": {f"{wd:g}": 100 * found[wd]["val_accuracy"] for wd in decays},
             "chosen": best,
         }
-        res = found[best]
     else:
-        best = _chosen(ab, "sft_weight_decay", lambda: run_sft_row(ab, first, ab.seed_dir(first) / "shared"))
-        res = run_sft(ab, seed, shared, steps, best, f"sft_wd{best:g}")
-    return {k: v for k, v in res.items() if k != "val_accuracy"}
+        (best,) = decays
+    return {k: v for k, v in found[best].items() if k != "val_accuracy"}
 
 
 def _chosen(ab: Ablation, grid: str, search: Callable[[], Any]) -> Any:

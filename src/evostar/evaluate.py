@@ -14,16 +14,21 @@ from evostar.reward.answer import reward_responses
 from evostar.rollout.hf import generate
 
 
+def step_truth(sample: Sample, text: str) -> list[bool] | None:
+    """Per step of `text`, is it right by the gym's checker; None for data without step truth."""
+    from evostar.data.gym import check_steps
+
+    return check_steps(sample, text) if "gym" in sample.meta else None
+
+
 def score(samples: Sequence[Sample], responses: list[Response]) -> list[Response]:
     """Fill `extracted`/`correct`, and `steps_correct` where the gym knows the truth."""
     by_id = {s.id: s for s in samples}
     reward_responses(by_id, responses)
-    from evostar.data.gym import check_steps
-
     for r in responses:
-        sample = by_id[r.sample_id]
-        if "gym" in sample.meta:
-            r.steps_correct = check_steps(sample, r.text)
+        truth = step_truth(by_id[r.sample_id], r.text)
+        if truth is not None:
+            r.steps_correct = truth
     return responses
 
 

@@ -30,7 +30,7 @@ import torch
 from evostar.config import PRMConfig
 from evostar.dynamics import accuracy, reward_pass_at_k
 from evostar.errors import RunDirError, UserError
-from evostar.evaluate import score
+from evostar.evaluate import score, step_truth
 from evostar.models.inputs import VLMInputs
 from evostar.records import Response, Sample, split_steps
 from evostar.reward.prm import (
@@ -160,13 +160,8 @@ def train_prm(
 
 def labels_against_truth(labels: Sequence[StepLabels], samples: Sequence[Sample]) -> dict[str, Any] | None:
     """`label_quality` of `labels` against the gym's step truth (None for data without it)."""
-    from evostar.data.gym import check_steps
-
     by_id = {s.id: s for s in samples}
-    truth = [
-        check_steps(by_id[lab.sample_id], lab.text) if "gym" in by_id[lab.sample_id].meta else None for lab in labels
-    ]
-    return label_quality(labels, truth)
+    return label_quality(labels, [step_truth(by_id[lab.sample_id], lab.text) for lab in labels])
 
 
 def _invalid_rate(kept: Sequence[Response]) -> float | None:

@@ -31,12 +31,17 @@ def autocast_dtype(name: str) -> torch.dtype | None:
     return {"": None, "bf16": torch.bfloat16}[name]
 
 
-def autocast(cfg: OptimConfig, device: torch.device) -> contextlib.AbstractContextManager:
-    """`torch.autocast` for the SFT forward pass when `cfg.autocast` is set, else a no-op."""
-    dtype = autocast_dtype(cfg.autocast)
+def autocast_context(name: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """`torch.autocast` in the precision `name` ('' or bf16) on `device`; a no-op for ''."""
+    dtype = autocast_dtype(name)
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def autocast(cfg: OptimConfig, device: torch.device) -> contextlib.AbstractContextManager:
+    """`torch.autocast` for the SFT forward pass when `cfg.autocast` is set, else a no-op."""
+    return autocast_context(cfg.autocast, device)
 
 
 def response_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor], cfg: OptimConfig) -> torch.Tensor:

@@ -21,10 +21,10 @@ import numpy as np
 
 from evostar.dynamics import reward_pass_at_k
 from evostar.records import Response, group_by_sample
+from evostar.reward.answer import extract_answer
 
 if TYPE_CHECKING:
     from evostar.reward.prm.labels import StepLabels
-from evostar.reward.answer import extract_answer
 
 __all__ = [
     "auroc",

@@ -17,19 +17,17 @@ move by bf16 rounding of the logits, so near-ties between responses may swap.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import typing
 from collections.abc import Sequence
 
-import torch
 from tqdm.auto import tqdm
 
 from evostar.config import PRMAggregate
 from evostar.errors import UserError
 from evostar.records import Response, Sample
 from evostar.reward.prm.model import PRM
-from evostar.train.sft import autocast_dtype
+from evostar.train.sft import autocast_context
 
 __all__ = ["AGGREGATES", "aggregate_scores", "score_responses"]
 
@@ -73,11 +71,6 @@ def score_responses(
         raise UserError(f"batch_size={batch_size}: must be >= 1")
     if autocast not in ("", "bf16"):
         raise UserError(f"autocast={autocast!r}: choose '' (off) or bf16")
-    dtype = autocast_dtype(autocast)
-
-    def mixed() -> contextlib.AbstractContextManager:
-        return torch.autocast(prm.device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
-
     by_id = {s.id: s for s in samples}
     for k, r in enumerate(responses):
         if r.sample_id not in by_id:
@@ -86,7 +79,7 @@ def score_responses(
     bar = tqdm(total=len(responses), desc="prm score", unit="resp", disable=not progress, leave=False)
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        with mixed():
+        with autocast_context(autocast, prm.device):
             scored = prm.score([by_id[responses[i].sample_id] for i in idx], [responses[i].text for i in idx])
         for i, (steps, answer) in zip(idx, scored, strict=True):
             r = responses[i]
