@@ -8,10 +8,13 @@ completions each strategy generated (shared prefixes counted once, as the labell
 The two strategies draw independent completions, so part of their disagreement is Monte-Carlo
 noise; `first_error_agreement_same_estimates` replays binary search on every's own estimates,
 which isolates what the search itself changes (it assumes that once a prefix fails, every
-longer one fails too).
-Both label directories resume, so a killed measurement continues where it stopped.
+longer one fails too). `--repeat` labels the responses with `every` a second time, from another
+seed, into RUN/prm/agreement/every_repeat: `first_error_agreement_every_vs_every` is then how
+often two independent labellings by the *same* strategy agree, the ceiling that noise puts on
+any agreement between two independent labellings.
+The label directories resume, so a killed measurement continues where it stopped.
 
-    python benchmarks/prm_label_agreement.py RUN [--responses 256]
+    python benchmarks/prm_label_agreement.py RUN [--responses 256] [--repeat]
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("run", type=Path, help="run directory whose prm_collect stage finished")
     parser.add_argument("--responses", type=int, default=256, help="first N collected responses (0: all)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeat", action="store_true", help="label with every twice (independent seeds)")
     args = parser.parse_args(argv)
     setup_torch(args.threads)
 
@@ -69,10 +73,11 @@ def main(argv: list[str] | None = None) -> dict:
         batch_size=p.completion_batch_size,
     )
     labels, spent, seconds = {}, {}, {}
-    for strategy in ("every", "binary"):
-        out = args.run / "prm" / "agreement" / strategy
+    runs = [("every", "every", 0), ("binary", "binary", 0)] + ([("every_repeat", "every", 1)] if args.repeat else [])
+    for name, strategy, reseed in runs:
+        out = args.run / "prm" / "agreement" / name
         t0 = time.perf_counter()
-        labels[strategy] = label_responses(
+        labels[name] = label_responses(
             data.train,
             responses,
             complete,
@@ -80,12 +85,12 @@ def main(argv: list[str] | None = None) -> dict:
             n=p.n_completions,
             strategy=strategy,
             chunk_size=p.chunk_size,
-            seed=stage_seed(cfg.seed, "prm-label"),
+            seed=stage_seed(cfg.seed, "prm-label") + reseed,
             settings={"temperature": p.temperature, "top_p": p.top_p, "max_new_tokens": p.max_new_tokens},
         )
-        seconds[strategy] = time.perf_counter() - t0
-        spent[strategy] = sum(int(v) for v in ((read_manifest(out) or {}).get("spent") or {}).values())
-        log(f"{strategy}: {len(labels[strategy])} responses, {spent[strategy]} completions, {seconds[strategy]:.0f} s")
+        seconds[name] = time.perf_counter() - t0
+        spent[name] = sum(int(v) for v in ((read_manifest(out) or {}).get("spent") or {}).values())
+        log(f"{name}: {len(labels[name])} responses, {spent[name]} completions, {seconds[name]:.0f} s")
     pairs = list(zip(labels["every"], labels["binary"], strict=True))
     same_first = [e.first_error == b.first_error for e, b in pairs]
     # the search replayed on every's own estimates: what differs then is the algorithm, not the
@@ -110,6 +115,13 @@ def main(argv: list[str] | None = None) -> dict:
         "completion_ratio_binary_over_every": spent["binary"] / spent["every"] if spent["every"] else None,
         "seconds": seconds,
     }
+    if args.repeat:
+        again = list(zip(labels["every"], labels["every_repeat"], strict=True))
+        same = sum(a.first_error == b.first_error for a, b in again)
+        result["first_error_agreement_every_vs_every"] = same / len(again)
+        result["step_label_agreement_every_vs_every"] = sum(
+            x == y for a, b in again for x, y in zip(a.hard, b.hard, strict=True)
+        ) / sum(len(a.hard) for a, _ in again)
     print(json.dumps(result, indent=2))
     return result
 

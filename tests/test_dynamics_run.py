@@ -262,6 +262,23 @@ def test_a_fork_reuses_warmup_and_prm_and_runs_only_the_loop(adaptive, tmp_path)
         assert (dst / "checkpoints" / "prm" / name).read_bytes() == (out / "checkpoints" / "prm" / name).read_bytes()
     stages = [json.loads(line)["stage"] for line in (dst / "metrics.jsonl").read_text().splitlines()]
     assert stages.count("warmup") == 1 and stages.count("prm_train") == 1 and "iter_3" in stages
+    # all-correct selection reads no PRM score: the training samples go unscored, and scoring them
+    # anyway (prm.score_unused) changes nothing the loop does
+    samples = [json.loads(line) for line in (dst / "samples" / "iter_001.jsonl").read_text().splitlines()]
+    assert samples and all(s["score"] is None for s in samples)
+    assert not any("prm_score_seconds" in r for r in forked["iterations"])
+    assert all(r["val_reward_pass_at_k"] is not None for r in forked["iterations"])
+    scored_dst = tmp_path / "static_all_scored"
+    over = ["adapt.controller=static", "evolve.selection=all", "prm.score_unused=true"]
+    result = CliRunner().invoke(app, ["fork", str(out), str(scored_dst), *over])
+    assert result.exit_code == 0, result.output
+    scored = json.loads((scored_dst / "summary.json").read_text())
+    assert all(r["prm_score_seconds"] >= 0 for r in scored["iterations"])
+    again = [json.loads(line) for line in (scored_dst / "samples" / "iter_001.jsonl").read_text().splitlines()]
+    assert all(s["score"] is not None for s in again if s["text"])
+    assert [s["text"] for s in again] == [s["text"] for s in samples]
+    assert scored["accuracy"]["final"] == forked["accuracy"]["final"]
+    assert [r["kept"] for r in scored["iterations"]] == [r["kept"] for r in forked["iterations"]]
     refused = CliRunner().invoke(app, ["fork", str(out), str(tmp_path / "x"), "warmup.steps=3"])
     assert refused.exit_code != 0 and "warmup.steps" in refused.output and "Traceback" not in refused.output
     assert not (tmp_path / "x").exists()

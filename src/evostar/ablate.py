@@ -325,7 +325,8 @@ def run_side_by_side(ab: Ablation, seed: int, shared: Path, names: Sequence[str]
             todo.append((_fork_in_process, (str(shared), str(dst), row_overrides(ab.preset, row, shared / "data"))))
     runs = len(todo)
     if "sft_equal_compute" in names:  # a step budget, not a wall-clock one: it can share the cores
-        todo += [
+        # first: an SFT run is the longest job, and one started last would leave a core idle
+        todo[:0] = [
             (_sft_in_process, (str(shared), str(dst), steps, wd)) for dst, steps, wd in pending_sft(ab, seed, shared)
         ]
     if not todo:

@@ -410,8 +410,9 @@ class PRMConfig(_Checked):
 
     enabled: bool = _f(
         False,
-        "Run the PRM stages after warm-up (collect -> label -> train -> eval) and score every sampled "
-        "training response with the PRM, so evolve.selection top_k / threshold rank by its score.",
+        "Run the PRM stages after warm-up (collect -> label -> train -> eval) and score the loop's sampled "
+        "training responses with the PRM where the loop reads the score: evolve.selection top_k / threshold "
+        "rank by it, PRM-weighted pseudo-labels vote with it (prm.score_unused: always).",
     )
     collect_prompts: int = _f(64, "Labelled training prompts the PRM's training responses are sampled on.", ge=1)
     collect_k: int = _f(4, "Responses sampled per prompt for PRM training (and per val prompt for its metrics).", ge=1)
@@ -458,6 +459,11 @@ class PRMConfig(_Checked):
     aggregate: PRMAggregate = _f("min", "Response score from its step scores: min, mean, last or product.")
     score_answer: bool = _f(True, "Count the answer block's score in the response score.")
     score_batch_size: int = _f(32, "Responses per PRM forward pass when scoring.", ge=1)
+    score_unused: bool = _f(
+        False,
+        "Score the loop's training responses even where nothing reads the score (evolve.selection all or "
+        "random_k, votes not PRM-weighted), so the samples files hold PRM scores; a scoring pass per iteration.",
+    )
     score_autocast: Autocast = _f(
         "",
         "Mixed precision of PRM scoring: '' (off) or bf16 (the forward pass under bf16 autocast, weights "

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from evostar.config import Config, EvolveConfig
+from evostar.config import SCORED_SELECTIONS, Config, EvolveConfig
 from evostar.context import RunContext
 from evostar.dynamics import (
     accuracy,
@@ -84,7 +84,8 @@ def evolve(
 ) -> tuple[torch.nn.Module, LoopState]:
     """Run (or resume) `cfg.evolve.iterations` iterations; the trained model and the loop state.
 
-    With a `prm`, every sampled response gets its score (what top_k / threshold rank by); with
+    With a `prm`, sampled responses get its score where the loop reads it (top_k / threshold
+    rank by it, PRM-weighted votes count it; `prm.score_unused` scores them always); with
     `unlabeled` prompts, they join the slice from `evolve.unlabeled_from` on, pseudo-labelled."""
     cfg, ev = ctx.cfg, ctx.cfg.evolve
     model, trainer, state = start_or_resume(ctx, model)
@@ -98,9 +99,10 @@ def evolve(
         # Generate: K responses for each prompt of the next slice, at the loop's temperature.
         with clock("generate"):
             responses = ctx.sample(model, prompts, state.temperature, seed=stage_seed(cfg.seed, "generate", it), it=it)
-        # Reward: final-answer match (and the gym's step truth, for monitoring only); the PRM's score.
+        # Reward: final-answer match (and the gym's step truth, for monitoring only); the PRM's score
+        # where the selection ranks by it.
         score(prompts, responses)
-        if prm is not None:
+        if prm is not None and (ev.selection in SCORED_SELECTIONS or cfg.prm.score_unused):
             with clock("prm_score"):
                 score_with(prm, cfg.prm, prompts, responses, cfg.progress)
         # Unlabeled prompts: sampled the same way, rewarded against the answer their samples vote for.
@@ -304,7 +306,8 @@ def unlabeled_step(
     hidden = [dataclasses.replace(s, answer=None) for s in prompts]  # the votes never see an answer
     seed = stage_seed(cfg.seed, "generate-unlabeled", it)
     responses = score(hidden, ctx.sample(model, hidden, state.temperature, seed=seed, it=it))
-    if prm is not None:
+    ranked = ev.selection in SCORED_SELECTIONS or ev.pseudo_label == "prm_weighted" or cfg.prm.score_unused
+    if prm is not None and ranked:
         score_with(prm, cfg.prm, hidden, responses, cfg.progress)
     labelled, stats = pseudo_labelled(prompts, responses, ev.pseudo_label)
     ids = {s.id for s in labelled}

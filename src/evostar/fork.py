@@ -41,6 +41,7 @@ FORKABLE = (
     "gen.temperature",
     "data.unlabeled",
     "data.test",
+    "prm.score_unused",
     "progress",
     "threads",
     "gen.workers",
