@@ -165,7 +165,7 @@ def fork(
 @guarded
 def ablate(
     preset: Annotated[
-        str, typer.Option(help="quick (about a quarter hour on 2 CPU cores) or default; smoke is for tests.")
+        str, typer.Option(help="quick (minutes) or default (hours on 2 CPU cores; docs/ablate.md); smoke is for tests.")
     ] = "quick",
     seeds: Annotated[int, typer.Option(min=1, help="Seeds 0..N-1; each has its own gym, warm-up and PRM.")] = 1,
     out: Annotated[Path, typer.Option(help="Ablation directory (a run directory per seed and row).")] = Path(

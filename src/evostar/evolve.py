@@ -84,9 +84,8 @@ def evolve(
 ) -> tuple[torch.nn.Module, LoopState]:
     """Run (or resume) `cfg.evolve.iterations` iterations; the trained model and the loop state.
 
-    With a `prm`, sampled responses get its score where the loop reads it (top_k / threshold
-    rank by it, PRM-weighted votes count it; `prm.score_unused` scores them always); with
-    `unlabeled` prompts, they join the slice from `evolve.unlabeled_from` on, pseudo-labelled."""
+    With a `prm`, sampled responses get its score where top_k / threshold or PRM-weighted votes
+    read it (`prm.score_unused`: always); `unlabeled` prompts join from `evolve.unlabeled_from` on."""
     cfg, ev = ctx.cfg, ctx.cfg.evolve
     model, trainer, state = start_or_resume(ctx, model)
     for it in range(state.iteration + 1, ev.iterations + 1):
@@ -99,8 +98,7 @@ def evolve(
         # Generate: K responses for each prompt of the next slice, at the loop's temperature.
         with clock("generate"):
             responses = ctx.sample(model, prompts, state.temperature, seed=stage_seed(cfg.seed, "generate", it), it=it)
-        # Reward: final-answer match (and the gym's step truth, for monitoring only); the PRM's score
-        # where the selection ranks by it.
+        # Reward: final-answer match (and the gym's step truth, for monitoring); the PRM's, if ranked by.
         score(prompts, responses)
         if prm is not None and (ev.selection in SCORED_SELECTIONS or cfg.prm.score_unused):
             with clock("prm_score"):
