@@ -100,7 +100,7 @@ def evolve(
             responses = ctx.sample(model, prompts, state.temperature, seed=stage_seed(cfg.seed, "generate", it), it=it)
         # Reward: final-answer match (and the gym's step truth, for monitoring); the PRM's, if ranked by.
         score(prompts, responses)
-        if prm is not None and (ev.selection in SCORED_SELECTIONS or cfg.prm.score_unused):
+        if prm is not None and scores_read(cfg):
             with clock("prm_score"):
                 score_with(prm, cfg.prm, prompts, responses, cfg.progress)
         # Unlabeled prompts: sampled the same way, rewarded against the answer their samples vote for.
@@ -290,6 +290,12 @@ def mixes_unlabeled(unlabeled: list[Sample] | None, it: int, ev: EvolveConfig) -
     return bool(unlabeled) and (it - 1) >= ev.unlabeled_from * ev.iterations - 1e-9
 
 
+def scores_read(cfg: Config) -> bool:
+    """Whether the loop reads the PRM scores of its training samples: the selection ranks by them
+    (or `prm.score_unused` asks for them anyway)."""
+    return cfg.evolve.selection in SCORED_SELECTIONS or cfg.prm.score_unused
+
+
 def unlabeled_step(
     ctx: RunContext, model: torch.nn.Module, unlabeled: list[Sample] | None, state: LoopState, it: int, prm: PRM | None
 ) -> dict:
@@ -304,8 +310,7 @@ def unlabeled_step(
     hidden = [dataclasses.replace(s, answer=None) for s in prompts]  # the votes never see an answer
     seed = stage_seed(cfg.seed, "generate-unlabeled", it)
     responses = score(hidden, ctx.sample(model, hidden, state.temperature, seed=seed, it=it))
-    ranked = ev.selection in SCORED_SELECTIONS or ev.pseudo_label == "prm_weighted" or cfg.prm.score_unused
-    if prm is not None and ranked:
+    if prm is not None and (scores_read(cfg) or ev.pseudo_label == "prm_weighted"):
         score_with(prm, cfg.prm, hidden, responses, cfg.progress)
     labelled, stats = pseudo_labelled(prompts, responses, ev.pseudo_label)
     ids = {s.id for s in labelled}
