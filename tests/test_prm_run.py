@@ -189,8 +189,13 @@ def test_the_loop_ranks_by_the_prm_and_logs_reward_pass_at_2(prm_run):
     assert 0.0 <= it["val_reward_pass_at_k"] <= 1.0 and it["val_pass_at_k"] is not None
     assert "kept_steps_all_correct" in it and it["prm_score_seconds"] >= 0
     samples = [json.loads(line) for line in (out / "samples" / "iter_001.jsonl").read_text().splitlines()]
+    # top-2 selection reads the scores of the correct responses only: the wrong ones go unscored
+    assert any(not s["correct"] for s in samples)
+    assert all(s["score"] is None for s in samples if not s["correct"])
     assert all(
-        s["score"] is not None and len(s["step_scores"]) == len(s["steps_correct"]) for s in samples if s["text"]
+        s["score"] is not None and len(s["step_scores"]) == len(s["steps_correct"])
+        for s in samples
+        if s["correct"] and s["text"]
     )
     correct = Counter(s["sample_id"] for s in samples if s["correct"])
     assert it["kept"] == sum(min(2, n) for n in correct.values()) > 0  # top-2 of each prompt's correct ones

@@ -84,8 +84,9 @@ def evolve(
 ) -> tuple[torch.nn.Module, LoopState]:
     """Run (or resume) `cfg.evolve.iterations` iterations; the trained model and the loop state.
 
-    With a `prm`, sampled responses get its score where top_k / threshold or PRM-weighted votes
-    read it (`prm.score_unused`: always); `unlabeled` prompts join from `evolve.unlabeled_from` on."""
+    With a `prm`, sampled responses get its score where top_k / threshold (the correct ones) or
+    PRM-weighted votes (all) read it (`prm.score_unused`: all, always); `unlabeled` prompts join
+    from `evolve.unlabeled_from` on."""
     cfg, ev = ctx.cfg, ctx.cfg.evolve
     model, trainer, state = start_or_resume(ctx, model)
     for it in range(state.iteration + 1, ev.iterations + 1):
@@ -100,9 +101,9 @@ def evolve(
             responses = ctx.sample(model, prompts, state.temperature, seed=stage_seed(cfg.seed, "generate", it), it=it)
         # Reward: final-answer match (and the gym's step truth, for monitoring); the PRM's, if ranked by.
         score(prompts, responses)
-        if prm is not None and scores_read(cfg):
+        if prm is not None and (ranked := scores_read(cfg, responses)):
             with clock("prm_score"):
-                score_with(prm, cfg.prm, prompts, responses, cfg.progress)
+                score_with(prm, cfg.prm, prompts, ranked, cfg.progress)
         # Unlabeled prompts: sampled the same way, rewarded against the answer their samples vote for.
         extra = unlabeled_step(ctx, model, unlabeled, state, it, prm)
         pool, sampled = prompts + extra["prompts"], responses + extra["responses"]
@@ -290,10 +291,14 @@ def mixes_unlabeled(unlabeled: list[Sample] | None, it: int, ev: EvolveConfig) -
     return bool(unlabeled) and (it - 1) >= ev.unlabeled_from * ev.iterations - 1e-9
 
 
-def scores_read(cfg: Config) -> bool:
-    """Whether the loop reads the PRM scores of its training samples: the selection ranks by them
-    (or `prm.score_unused` asks for them anyway)."""
-    return cfg.evolve.selection in SCORED_SELECTIONS or cfg.prm.score_unused
+def scores_read(cfg: Config, responses: list[Response]) -> list[Response]:
+    """The rewarded training responses whose PRM scores the loop reads: the correct ones where the
+    selection ranks by them (it keeps nothing else), none otherwise; all with `prm.score_unused`."""
+    if cfg.prm.score_unused:
+        return responses
+    if cfg.evolve.selection in SCORED_SELECTIONS:
+        return [r for r in responses if r.correct]
+    return []
 
 
 def unlabeled_step(
@@ -310,12 +315,15 @@ def unlabeled_step(
     hidden = [dataclasses.replace(s, answer=None) for s in prompts]  # the votes never see an answer
     seed = stage_seed(cfg.seed, "generate-unlabeled", it)
     responses = score(hidden, ctx.sample(model, hidden, state.temperature, seed=seed, it=it))
-    if prm is not None and (scores_read(cfg) or ev.pseudo_label == "prm_weighted"):
+    votes_read_scores = prm is not None and ev.pseudo_label == "prm_weighted"
+    if votes_read_scores:
         score_with(prm, cfg.prm, hidden, responses, cfg.progress)
     labelled, stats = pseudo_labelled(prompts, responses, ev.pseudo_label)
     ids = {s.id for s in labelled}
     responses = [r for r in responses if r.sample_id in ids]  # no label, nothing to reward
     score(labelled, responses)
+    if prm is not None and not votes_read_scores and (ranked := scores_read(cfg, responses)):
+        score_with(prm, cfg.prm, labelled, ranked, cfg.progress)
     return {"all_prompts": prompts, "prompts": labelled, "responses": responses, "stats": stats}
 
 
